@@ -1,0 +1,356 @@
+"""Configuration: frozen dataclasses per stage, loaded from YAML with ``--set`` overrides.
+
+Config is data. A YAML file (read with ``yaml.safe_load``, no code) is validated against the
+dataclasses below: an unknown key or a value of the wrong type raises :class:`ConfigError`
+naming the file and the dotted key. Nothing is mutated during a run; derived values are pure
+functions of the config (see :func:`run_dir`).
+
+Overrides use dotted keys: ``--set pretrain.lr=1e-4 --set run.dir=/scratch/x``. Their values are
+parsed as YAML scalars (so ``null``, ``true``, ``[a, b]`` work) and then checked like file values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str | None = None  # default: runs/<config file stem>
+    seed: int = 0
+    num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Generate this data set with ``drray synth`` when its images are missing."""
+
+    n: int = 1000  # images in the main folder (EyePACS: train/)
+    test_n: int = 0  # EyePACS style: extra test/ folder with testLabels.csv
+    style: Literal["eyepacs", "messidor2"] = "eyepacs"
+    seed: int = 0
+    original_size: bool = False  # EyePACS-sized frames (~3888x2592) instead of small ones
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One raw data set and where its prepared shards live."""
+
+    source: Literal["eyepacs", "messidor2", "folder"] = "eyepacs"
+    images: str = ""  # folder searched recursively for image files
+    labels: tuple[str, ...] = ()  # label CSVs; relative paths are relative to `images`
+    prepared: str = ""  # output of `drray prepare`: shards/, rejects.parquet, manifest.json
+    partition: str | None = None  # CSV image_id,split (e.g. the Voets et al. partition)
+    test_fraction: float | None = None  # seeded train/test partition of the pooled set
+    synthetic: SyntheticConfig | None = None  # generate when `images` is missing
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    size: int = 299  # output side in pixels; the fundus circle's diameter spans it
+    positive: Literal["referable", "any_dr"] = "referable"  # grade >= 2, or grade >= 1
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = 95
+    max_pixels: int = 178_956_970  # larger images are rejected as decompression bombs
+    mask_outside: bool = True  # black out pixels outside the fundus circle
+    prepare_batch: int = 16  # images per Ray Data task batch
+    eyepacs: DatasetConfig = field(default_factory=DatasetConfig)
+    external: DatasetConfig | None = None  # Messidor-2 style external test set
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Which training images keep their labels (the rest form the unlabeled pool)."""
+
+    fraction: float | None = None
+    count: int | None = 1000
+    strategy: Literal["random", "balanced"] = "random"
+    seed: int = 0
+    val_count: int = 200  # held-out labeled validation images (from the non-selected train)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotation: float = 180.0  # degrees; fundus photographs have no canonical orientation
+    jitter_strength: float = 0.5  # SimCLR's s: brightness/contrast/saturation 0.8s, hue 0.2s
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd", "lars"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    warmup_epochs: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage 1: SimCLR on the unlabeled train pool."""
+
+    backbone: str = "resnet50"
+    init: Literal["random", "imagenet"] = "random"
+    weights: str | None = None  # local ImageNet weights file when init=imagenet
+    epochs: int = 100
+    batch_size: int = 64
+    temperature: float = 0.5
+    proj_hidden: int = 2048
+    proj_out: int = 128
+    gather_negatives: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stages 2 and 4: supervised fine-tuning on the labeled subset."""
+
+    head_hidden: int | None = None  # None: Linear(features, 1); authors' code: 512
+    epochs: int = 100
+    batch_size: int = 32
+    dropout: float = 0.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=0.05))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class PseudolabelConfig:
+    threshold: float = 0.5
+    batch_size: int = 64
+    concurrency: int = 1  # inference actors (one per GPU when GPUs are present)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage 3: the student learns the teacher's pseudo-labels on the unlabeled pool."""
+
+    backbone: str = "densenet161"
+    init: Literal["random", "imagenet"] = "random"
+    weights: str | None = None
+    targets: Literal["hard", "soft"] = "hard"
+    epochs: int = 200
+    batch_size: int = 32
+    dropout: float = 0.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-4))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    student_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Where the config came from; not a YAML key. Relative paths in the file are relative
+    # to the current directory (the repo root for the shipped configs), like any CLI path.
+    source_file: str = field(default="", compare=False, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``section.key=value`` overrides, validate, return it frozen."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    cfg = _build(Config, raw, "", str(path))
+    return dataclasses.replace(cfg, source_file=str(path))
+
+
+def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
+    """Validate a plain mapping (e.g. a resolved config read back) into a Config."""
+    return _build(Config, raw, "", origin)
+
+
+def _apply_override(raw: dict, item: str, origin: Path) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not a YAML scalar: {exc}") from exc
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section (in {origin})")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: key {prefix or '<top>'!r}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{origin}: unknown key {_join(prefix, key)!r}{hint} "
+            f"(known keys here: {', '.join(fields)})"
+        )
+    values = {
+        name: _coerce(hints[name], raw[name], _join(prefix, name), origin)
+        for name in fields
+        if name in raw
+    }
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against type ``tp``; return it converted (lists to tuples, ...)."""
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, origin)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise errors[0] if len(errors) == 1 else _type_error(key, origin, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            raise _type_error(key, origin, tp, value)
+        return _build(tp, value, key, origin)
+    if origin_tp is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{origin}: key {key!r}: {value!r} is not one of {choices}")
+        return value
+    if origin_tp is tuple:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list | tuple):
+            raise _type_error(key, origin, tp, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{origin}: key {key!r}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, origin, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, origin, tp, value)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, origin, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, origin, tp, value)
+    raise ConfigError(f"{origin}: key {key!r}: unsupported field type {tp!r}")  # a schema bug
+
+
+def _type_error(key: str, origin: str, tp: Any, value: Any) -> ConfigError:
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return ConfigError(f"{origin}: key {key!r}: expected {name}, got {value!r}")
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived values and writing
+# ---------------------------------------------------------------------------------------------
+
+
+def run_dir(cfg: Config) -> Path:
+    """The job's run directory: ``run.dir``, else ``runs/<config file stem>``."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    stem = Path(cfg.source_file).stem if cfg.source_file else "default"
+    return Path("runs") / stem
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, YAML-ready mapping of a config (tuples become lists, internal fields dropped)."""
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get("internal")
+        }
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
