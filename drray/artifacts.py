@@ -72,15 +72,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_files(paths: list[Path]) -> str:
-    """One hash over several files' names and contents, in the given order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def write_resolved_config(out_dir: str | Path, cfg: Any) -> Path:
     """Write the resolved config beside an output (the record of what produced it)."""
     from drray.config import dump_yaml

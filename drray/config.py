@@ -292,7 +292,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
             return tuple(_coerce(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{origin}: key {key!r}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if isinstance(value, bool):
             return value

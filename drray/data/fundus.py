@@ -27,7 +27,15 @@ DETECT_SIDE = 256  # circle detection runs on an image of at most this side
 
 
 class ImageRejected(Exception):
-    """An input image cannot be prepared; ``str(exc)`` is a reason a person understands."""
+    """An input image cannot be prepared.
+
+    ``kind`` is a short category for counting (``empty``, ``corrupt``, ``not_image``,
+    ``decompression_bomb``, ``no_fundus``, ...); ``str(exc)`` is a reason a person understands.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,9 @@ def decode_rgb(path: str | Path, min_side: int, max_pixels: int) -> tuple[Image.
     path = Path(path)
     try:
         if os.path.getsize(path) == 0:
-            raise ImageRejected("empty file (0 bytes)")
+            raise ImageRejected("empty", "empty file (0 bytes)")
     except OSError as exc:
-        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,6 +79,7 @@ def decode_rgb(path: str | Path, min_side: int, max_pixels: int) -> tuple[Image.
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageRejected(
+                        "decompression_bomb",
                         f"decompression bomb: {width}x{height} = {width * height:,} pixels "
                         f"exceeds the limit of {max_pixels:,} (data.max_pixels)"
                     )
@@ -83,11 +92,11 @@ def decode_rgb(path: str | Path, min_side: int, max_pixels: int) -> tuple[Image.
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"decompression bomb: {exc}") from exc
+        raise ImageRejected("decompression_bomb", f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected("not an image: the file's contents are not a known image format") from exc
+        raise ImageRejected("not_image", "not an image: the file's contents are not a known image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
-        raise ImageRejected(f"corrupt or truncated image: {exc}") from exc
+        raise ImageRejected("corrupt", f"corrupt or truncated image: {exc}") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -114,7 +123,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageRejected(f"unsupported image mode {mode!r}: {exc}") from exc
+        raise ImageRejected("unsupported_mode", f"unsupported image mode {mode!r}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,34 +143,39 @@ def find_fundus(img: Image.Image) -> Circle:
     small = img if factor == 1.0 else img.resize(
         (max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BILINEAR
     )
-    # The brightest channel: the red fundus stays visible in it even in very dark photographs.
-    bright = np.asarray(small.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32).max(axis=2)
-    mask = _fundus_mask(bright)
+    rgb = np.asarray(small.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
+    mask = _fundus_mask(rgb)
     points = _edge_points(mask)
     if len(points) < 12:
-        raise ImageRejected("no visible fundus: no circular edge between fundus and background")
+        raise ImageRejected("no_fundus", "no visible fundus: no circular edge between fundus and background")
     circle = _robust_circle_fit(points)
     _check_plausible(circle, mask)
     return circle.scaled(1.0 / factor)
 
 
-def _fundus_mask(bright: np.ndarray) -> np.ndarray:
-    h, w = bright.shape
+def _fundus_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that differ from the background colour: the fundus.
+
+    The background colour is read from the frame's corners, which lie outside the circle even
+    when it is cut at the top and bottom (the darkest corner, in case the circle reaches into
+    another). Distance in RGB from that colour separates a dark red fundus from a black
+    background by brightness and from a grey one by colour.
+    """
+    h, w, _ = rgb.shape
     ph, pw = max(2, h // 12), max(2, w // 12)
-    corners = [bright[:ph, :pw], bright[:ph, -pw:], bright[-ph:, :pw], bright[-ph:, -pw:]]
-    # Corners lie outside the circle even when it is cut at the top and bottom; take the
-    # darkest one in case the circle reaches into another.
-    darkest = min(corners, key=lambda c: float(np.median(c)))
-    background = float(np.median(darkest))
-    noise = float(darkest.std())
-    foreground = float(np.percentile(bright, 80))
-    contrast = foreground - background
+    corners = [rgb[:ph, :pw], rgb[:ph, -pw:], rgb[-ph:, :pw], rgb[-ph:, -pw:]]
+    darkest = min(corners, key=lambda c: float(np.median(c.max(axis=2))))
+    background = np.median(darkest.reshape(-1, 3), axis=0)
+    distance = np.sqrt(((rgb - background) ** 2).sum(axis=2))
+    noise = float(np.sqrt(((darkest - background) ** 2).sum(axis=2)).std())
+    contrast = float(np.percentile(distance, 80))
     if contrast < 6.0:
         raise ImageRejected(
-            f"no visible fundus: image is nearly uniform (contrast {contrast:.1f} of 255)"
+            "no_fundus",
+            f"no visible fundus: image is nearly uniform (contrast {contrast:.1f} of 255)",
         )
-    threshold = background + max(0.15 * contrast, 3.0 * noise + 2.0)
-    return bright > threshold
+    threshold = max(0.15 * contrast, 3.0 * noise + 2.0)
+    return distance > threshold
 
 
 def _edge_points(mask: np.ndarray) -> np.ndarray:
@@ -211,17 +225,19 @@ def _check_plausible(circle: Circle, mask: np.ndarray) -> None:
     h, w = mask.shape
     if not (0.2 * min(h, w) <= circle.r <= 0.75 * max(h, w)):
         raise ImageRejected(
+            "no_fundus",
             f"no visible fundus: the bright region is not a fundus circle "
             f"(radius {circle.r:.0f} px in a {w}x{h} detection image)"
         )
     if not (0 <= circle.cx < w and 0 <= circle.cy < h):
-        raise ImageRejected("no visible fundus: fitted circle centre lies outside the image")
+        raise ImageRejected("no_fundus", "no visible fundus: fitted circle centre lies outside the image")
     yy, xx = np.mgrid[0:h, 0:w]
     inside = (xx - circle.cx) ** 2 + (yy - circle.cy) ** 2 <= circle.r**2
     coverage = float(mask[inside].mean())
     spill = float(mask[~inside].mean()) if (~inside).any() else 0.0
     if coverage < 0.6 or spill > 0.15:
         raise ImageRejected(
+            "no_fundus",
             f"no visible fundus: bright region is not circular "
             f"({coverage:.0%} of the circle is bright, {spill:.0%} outside it)"
         )

@@ -12,6 +12,7 @@ Image files of any common format are matched to label rows by file stem.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ class InputItem:
     grade: int | None  # None: unlabeled
     split: str
     source: str
-    reject: str | None = None
+    reject: str | None = None  # why it cannot be prepared, for a person
+    reject_kind: str | None = None  # the reason's category, for counting
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,14 @@ class _LabelRow:
     where: str  # "file.csv:line", for messages
     split: str
     skip_reason: str | None = None  # e.g. Messidor-2 ungradable
+    skip_kind: str | None = None
 
 
 @dataclass
 class SourceReport:
     items: list[InputItem]
+    label_files: list[Path] = field(default_factory=list)
+    fingerprint: str = ""  # of file names, sizes, mtimes and label contents: "same inputs?"
     label_rows: int = 0
     duplicate_label_rows: int = 0  # same id, same grade: merged (counted here)
     notes: dict[str, int] = field(default_factory=dict)
@@ -65,7 +70,20 @@ def collect_inputs(source: str, images: str | Path, labels: list[str | Path]) ->
     for path in label_paths:
         rows.extend(_READERS[source](path))
     files = list_image_files(images)
-    return _join(source, images, files, rows)
+    report = _join(source, images, files, rows)
+    report.label_files = label_paths
+    report.fingerprint = _fingerprint(source, images, files, label_paths)
+    return report
+
+
+def _fingerprint(source: str, root: Path, files: list[Path], label_paths: list[Path]) -> str:
+    h = hashlib.sha256(source.encode())
+    for path in files:
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for path in label_paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _resolve_label_path(images: Path, path: str | Path) -> Path:
@@ -126,7 +144,7 @@ def _read_messidor2(path: Path) -> list[_LabelRow]:
         if gradable not in ("1", "1.0", "True", "true"):
             skip = f"ungradable (adjudicated_gradable={gradable or 'empty'} in {path.name}:{line})"
         rows.append(_LabelRow(_stem(row["image_id"]), row["adjudicated_dr_grade"],
-                              f"{path.name}:{line}", "test", skip))
+                              f"{path.name}:{line}", "test", skip, "ungradable" if skip else None))
     return rows
 
 
@@ -172,26 +190,27 @@ def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow]) -> 
         image_id = path.stem
         if image_id in first_file:
             items.append(InputItem(image_id, str(path), None, _folder_split(path, root), source,
-                                   f"duplicate image id: {first_file[image_id]} has the same name"))
+                                   f"duplicate image id: {first_file[image_id]} has the same name",
+                                   "duplicate_image"))
             continue
         first_file[image_id] = path
         label = labels.get(image_id)
         if label is None:
             items.append(InputItem(image_id, str(path), None, _folder_split(path, root), source))
         else:
-            grade, split, problem = label
-            items.append(InputItem(image_id, str(path), grade, split, source, problem))
-    for image_id, (_, split, problem) in sorted(labels.items()):
+            grade, split, problem, kind = label
+            items.append(InputItem(image_id, str(path), grade, split, source, problem, kind))
+    for image_id, (_, split, problem, _) in sorted(labels.items()):
         if image_id not in first_file:
             where = problem or "label row"
             items.append(InputItem(image_id, None, None, split, source,
-                                   f"image missing: no file for this id under {root} ({where})"))
-    report = SourceReport(items, label_rows=len(rows), duplicate_label_rows=duplicates)
-    return report
+                                   f"image missing: no file for this id under {root} ({where})",
+                                   "image_missing"))
+    return SourceReport(items, label_rows=len(rows), duplicate_label_rows=duplicates)
 
 
-def _merge_label_rows(rows: list[_LabelRow]) -> tuple[dict[str, tuple[int | None, str, str | None]], int]:
-    """id -> (grade, split, problem); duplicates agreeing are merged, conflicting rejected."""
+def _merge_label_rows(rows: list[_LabelRow]) -> tuple[dict[str, tuple], int]:
+    """id -> (grade, split, problem, problem kind); agreeing duplicates merge, conflicting reject."""
     by_id: dict[str, list[_LabelRow]] = defaultdict(list)
     for row in rows:
         by_id[row.image_id].append(row)
@@ -200,21 +219,22 @@ def _merge_label_rows(rows: list[_LabelRow]) -> tuple[dict[str, tuple[int | None
         duplicates += len(group) - 1
         first = group[0]
         if first.skip_reason:
-            merged[image_id] = (None, first.split, first.skip_reason)
+            merged[image_id] = (None, first.split, first.skip_reason, first.skip_kind)
             continue
         parsed = [(parse_grade(r.grade_text), r) for r in group]
         bad = [(reason, r) for (g, reason), r in parsed if reason]
         if bad:
             reason, r = bad[0]
-            merged[image_id] = (None, first.split, f"{reason} ({r.where})")
+            merged[image_id] = (None, first.split, f"{reason} ({r.where})", "bad_grade")
             continue
         grades = sorted({g for (g, _), _ in parsed})
         if len(grades) > 1:
             places = ", ".join(r.where for r in group)
             merged[image_id] = (None, first.split,
-                                f"conflicting grades {' and '.join(map(str, grades))} for this id ({places})")
+                                f"conflicting grades {' and '.join(map(str, grades))} for this id ({places})",
+                                "conflicting_grades")
             continue
-        merged[image_id] = (grades[0], first.split, None)
+        merged[image_id] = (grades[0], first.split, None, None)
     return merged, duplicates
 
 

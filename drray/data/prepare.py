@@ -1,0 +1,96 @@
+"""Preparation of a batch of input items (pure: no Ray) and the manifest of a prepared set.
+
+``prepare_rows`` turns input rows into one output row each: either a prepared image or a reject
+with its reason. Any exception from one image becomes that image's reject; a batch never fails
+because of one bad file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+import drray
+from drray.data.fundus import ImageRejected, encode_image, prepare_fundus
+from drray.data.shards import SHARD_SCHEMA
+
+OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), pa.field("reason", pa.string())])
+
+
+# Bump when the preprocessing changes what it outputs, so prepared data is redone.
+PREPROCESSING_VERSION = 2
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    size: int = 299
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    max_pixels: int = 178_956_970
+    mask_outside: bool = True
+    preprocessing_version: int = PREPROCESSING_VERSION
+
+
+def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
+    """Prepare each input row (keys: image_id, path, grade, source, split)."""
+    out = []
+    for row in rows:
+        record = {name: row.get(name) for name in ("image_id", "path", "grade", "source", "split")}
+        try:
+            prepared = prepare_fundus(row["path"], params.size, params.max_pixels, params.mask_outside)
+            circle = prepared.circle
+            record.update(
+                image=encode_image(prepared.image, params.image_format, params.jpeg_quality),
+                orig_width=prepared.original_size[0], orig_height=prepared.original_size[1],
+                fundus_cx=circle.cx, fundus_cy=circle.cy, fundus_r=circle.r, kind=None, reason=None,
+            )
+        except ImageRejected as exc:
+            record.update(kind=exc.kind, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad image must not fail the batch
+            record.update(kind="error", reason=f"unexpected error while preparing: {type(exc).__name__}: {exc}")
+        out.append(record)
+    return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+def reject_row(image_id: str, path: str | None, kind: str, reason: str) -> dict:
+    return {"image_id": image_id, "path": path, "kind": kind, "reason": reason}
+
+
+def build_manifest(*, source: str, images: str, label_files: list[dict], params: PrepareParams,
+                   inputs: int, prepared_rows: list[dict], rejects: list[dict], shards: list[dict],
+                   duplicate_label_rows: int, started: float, content_hash: str,
+                   inputs_fingerprint: str) -> dict:
+    """The manifest: counts that add up, parameters, version and hashes."""
+    by_kind = Counter(r["kind"] for r in rejects)
+    prepared = len(prepared_rows)
+    if prepared + len(rejects) != inputs:  # the accounting invariant: nothing lost
+        raise AssertionError(f"prepared {prepared} + rejected {len(rejects)} != inputs {inputs}")
+    grades = Counter(r["grade"] for r in prepared_rows)
+    splits = Counter(r["split"] for r in prepared_rows)
+    return {
+        "drray_version": drray.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "images": images,
+        "label_files": label_files,
+        "params": dataclasses.asdict(params),
+        "counts": {
+            "inputs": inputs,
+            "prepared": prepared,
+            "rejected": len(rejects),
+            "unlabeled": grades.get(None, 0),
+            "labeled": prepared - grades.get(None, 0),
+            "rejected_by_reason": dict(sorted(by_kind.items())),
+            "by_split": dict(sorted(splits.items())),
+            "by_grade": {str(g): grades[g] for g in sorted(g for g in grades if g is not None)},
+            "duplicate_label_rows_merged": duplicate_label_rows,
+        },
+        "shards": shards,
+        "content_hash": content_hash,
+        "inputs_fingerprint": inputs_fingerprint,
+        "seconds": round(time.time() - started, 2),
+    }

@@ -1,0 +1,120 @@
+"""The prepared-image contract: ``OUT/shards/*.parquet``, ``OUT/rejects.parquet``, ``OUT/manifest.json``.
+
+One row per prepared image in the shards (schema :data:`SHARD_SCHEMA`); one row per input that
+was not prepared in the rejects; counts, parameters and content hashes in the manifest.
+prepared + rejected = inputs, always.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from drray.artifacts import sha256_file
+
+SHARD_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("image", pa.binary()),  # encoded RGB (JPEG or PNG), size x size
+    ("grade", pa.int8()),  # 0-4, null when unlabeled
+    ("source", pa.string()),
+    ("split", pa.string()),
+    ("path", pa.string()),  # the original file
+    ("orig_width", pa.int32()),
+    ("orig_height", pa.int32()),
+    ("fundus_cx", pa.float32()),  # fundus circle in original pixels
+    ("fundus_cy", pa.float32()),
+    ("fundus_r", pa.float32()),
+])
+REJECT_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("kind", pa.string()),
+    ("reason", pa.string()),
+])
+INDEX_COLUMNS = ["image_id", "grade", "source", "split"]  # everything but the pixels
+MANIFEST = "manifest.json"
+
+
+class PreparedDataError(ValueError):
+    """A prepared-data directory is missing or incomplete."""
+
+
+class ShardWriter:
+    """Writes rows into numbered Parquet shards of at most ``rows_per_shard`` rows."""
+
+    def __init__(self, directory: Path, rows_per_shard: int = 2000):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.shards: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_current = 0
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(self.rows_per_shard - self._rows_in_current, table.num_rows - start)
+            self._writer.write_table(table.slice(start, take))
+            self._rows_in_current += take
+            start += take
+            if self._rows_in_current >= self.rows_per_shard:
+                self._close_current()
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        return self.shards
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards):05d}.parquet"
+        self._writer = pq.ParquetWriter(self.directory / name, SHARD_SCHEMA)
+        self.shards.append({"file": name, "rows": 0})
+        self._rows_in_current = 0
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            path = self.directory / self.shards[-1]["file"]
+            self.shards[-1].update(rows=self._rows_in_current, sha256=sha256_file(path))
+
+
+def write_rejects(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows, schema=REJECT_SCHEMA) if rows else REJECT_SCHEMA.empty_table()
+    pq.write_table(table, path)
+
+
+def read_manifest(prepared: str | Path) -> dict:
+    path = Path(prepared) / MANIFEST
+    if not path.is_file():
+        raise PreparedDataError(
+            f"{prepared} holds no prepared data ({MANIFEST} missing): run `drray prepare` into it first"
+        )
+    return json.loads(path.read_text())
+
+
+def shard_paths(prepared: str | Path) -> list[Path]:
+    """The shard files of a complete prepared directory, as its manifest lists them."""
+    manifest = read_manifest(prepared)
+    root = Path(prepared) / "shards"
+    paths = []
+    for shard in manifest["shards"]:
+        path = (root / shard["file"]).resolve()
+        if root.resolve() not in path.parents:  # manifests never point outside their root
+            raise PreparedDataError(f"{prepared}/{MANIFEST}: shard path {shard['file']!r} escapes {root}")
+        paths.append(path)
+    return paths
+
+
+def read_index(prepared: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The prepared images' ids, grades, sources and splits, without the pixels."""
+    paths = shard_paths(prepared)
+    columns = columns or INDEX_COLUMNS
+    if not paths:
+        return SHARD_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

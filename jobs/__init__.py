@@ -1,0 +1,5 @@
+"""The suite of cluster jobs: each module reads its config, calls drray, writes artifacts.
+
+Every job is a function ``run(cfg) -> dict`` importable by reference, so that submitit can
+pickle it for SLURM and ``drray run JOB`` can call it locally.
+"""

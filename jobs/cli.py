@@ -1,0 +1,154 @@
+"""The ``drray`` command line: a thin layer over the jobs in this package."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+import drray
+from drray.config import ConfigError, SyntheticConfig, load_config
+
+# Jobs that `drray run JOB --config CFG` knows: name -> (module, one-line description).
+JOBS = {
+    "prepare": ("jobs.prepare", "synthesise (where configured) and prepare every data set the config names"),
+}
+
+EXAMPLES = """
+\b
+Examples:
+  drray synth data/raw/eyepacs --n 2000 --test-n 400 --style eyepacs --seed 0
+  drray prepare --source eyepacs --images data/raw/eyepacs \\
+      --labels trainLabels.csv --labels testLabels.csv --out data/prepared/eyepacs
+  drray run prepare --config configs/demo.yaml --set data.size=96
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(drray.__version__, prog_name="drray")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """drray: diabetic-retinopathy screening models from few labels and many unlabeled images.
+
+    SimCLR pretraining -> teacher fine-tuning -> pseudo-labels -> student distillation ->
+    student fine-tuning, as Ray jobs that run on a laptop CPU and on SLURM clusters.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True,
+              help="Images to write (EyePACS style: into train/).")
+@click.option("--style", type=click.Choice(["eyepacs", "messidor2"]), default="eyepacs", show_default=True,
+              help="eyepacs: train/<id>.jpeg + trainLabels.csv; messidor2: images/ + messidor_data.csv "
+                   "(Krause columns), a different camera for external testing.")
+@click.option("--test-n", type=click.IntRange(0), default=0, show_default=True,
+              help="EyePACS style only: also write test/ + testLabels.csv (with Usage) of this size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same images.")
+@click.option("--original-size", is_flag=True,
+              help="EyePACS-sized frames (3888x2592 JPEGs), for the preparation benchmark.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Processes (default: all cores).")
+def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: bool, workers: int | None) -> None:
+    """Write a synthetic fundus data set to OUT in the layout of the real one.
+
+    Grades 0-4 in EyePACS proportions (73.5/7.0/15.1/2.5/2.0 %); lesions by grade; camera
+    variety (frame size, cut circles, exposure, blur, colour cast, noise, notches).
+    """
+    from jobs import synth as synth_job
+
+    if test_n and style != "eyepacs":
+        raise click.UsageError("--test-n applies to --style eyepacs only")
+    spec = SyntheticConfig(n=n, test_n=test_n, style=style, seed=seed, original_size=original_size)
+    summary = synth_job.run(out, spec, workers=workers)
+    grades = ", ".join(f"{g}: {c}" for g, c in summary["grades"].items())
+    click.echo(f"wrote {summary['images']} images to {out} (grades {grades}; labels: "
+               f"{', '.join(summary['label_files'])})")
+
+
+@main.command()
+@click.option("--source", type=click.Choice(["eyepacs", "messidor2", "folder"]), required=True,
+              help="Label format: eyepacs (trainLabels.csv / testLabels.csv: image,level[,Usage]), "
+                   "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split]).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder searched recursively for .jpeg/.jpg/.png/.tif images; ids are file stems.")
+@click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path),
+              help="Label CSV (repeatable); a relative path is also looked up inside --images. "
+                   "Images without a label row are kept as unlabeled.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output: OUT/shards/*.parquet, OUT/rejects.parquet, OUT/manifest.json "
+                   "(replaced atomically if it exists).")
+@click.option("--size", type=click.IntRange(16), default=299, show_default=True,
+              help="Output side in pixels; the fundus circle's diameter spans it (299: the paper).")
+@click.option("--format", "image_format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True,
+              help="Encoding of the prepared images (JPEG quality 95 or lossless PNG).")
+@click.option("--partition", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV image_id,split that sets each image's split (e.g. the Voets et al. partition).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Pool all images and draw a seeded train/test partition with this test share.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --test-fraction.")
+@click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray instance.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any input was rejected.")
+def prepare(source, images, labels, out, size, image_format, partition, test_fraction, seed, num_cpus, strict) -> None:
+    """Prepare raw fundus photographs: find the fundus, centre, crop, resize, write Parquet shards.
+
+    Runs as a Ray Data job (decoding at reduced scale in parallel). Every input is accounted
+    for: prepared + rejected = inputs; each reject has a reason in OUT/rejects.parquet. Exits 0
+    when at least one image was prepared.
+    """
+    from drray.data.prepare import PrepareParams
+    from jobs.prepare import format_summary, prepare_source
+
+    params = PrepareParams(size=size, image_format=image_format)
+    try:
+        manifest = prepare_source(source=source, images=images, labels=list(labels), out=out, params=params,
+                                  partition=str(partition) if partition else None,
+                                  test_fraction=test_fraction, seed=seed, num_cpus=num_cpus)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    counts = manifest["counts"]
+    click.echo(format_summary(counts, str(out)))
+    if counts["prepared"] == 0:
+        raise click.ClickException(f"no image could be prepared; see {out}/rejects.parquet")
+    if strict and counts["rejected"]:
+        click.echo(f"--strict: {counts['rejected']} input(s) rejected", err=True)
+        sys.exit(3)
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="YAML config (configs/demo.yaml, configs/ci.yaml, configs/paper.yaml, ...).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config value (repeatable), e.g. --set run.dir=/scratch/run1.")
+def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
+    """Run JOB locally (or on the Ray cluster in RAY_ADDRESS) with a config.
+
+    \b
+    Jobs:
+    """
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    module = importlib.import_module(JOBS[job][0])
+    try:
+        result = module.run(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if job == "prepare":
+        from jobs.prepare import format_summary
+
+        for counts in result.values():
+            click.echo(format_summary(counts, counts["prepared_dir"]))
+
+
+run.help = (run.help or "") + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in sorted(JOBS.items()))
+
+
+if __name__ == "__main__":
+    main()
