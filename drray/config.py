@@ -47,6 +47,7 @@ class SyntheticConfig:
     style: Literal["eyepacs", "messidor2"] = "eyepacs"
     seed: int = 0
     original_size: bool = False  # EyePACS-sized frames (~3888x2592) instead of small ones
+    frame_scale: float = 1.0  # smaller frames draw faster; the demo's 64 px outputs need little
 
 
 @dataclass(frozen=True)

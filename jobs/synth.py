@@ -11,5 +11,5 @@ from drray.progress import Progress
 
 def run(out: str | Path, spec: SyntheticConfig, workers: int | None = None) -> dict:
     return synthesize(out, spec.n, style=spec.style, seed=spec.seed, test_n=spec.test_n,
-                      original_size=spec.original_size, workers=workers,
+                      original_size=spec.original_size, frame_scale=spec.frame_scale, workers=workers,
                       progress=Progress(f"synth {spec.style} -> {out}"))

@@ -273,7 +273,8 @@ def _outside_mask(size: int) -> Image.Image:
 def prepare_fundus(path: str | Path, size: int = 299, max_pixels: int = 178_956_970,
                    mask_outside: bool = True) -> Prepared:
     """Decode, find the fundus, centre, crop and resize one image file."""
-    img, scale = decode_rgb(path, min_side=size, max_pixels=max_pixels)
+    # at least ~160 px so that the circle fit has enough edge pixels even for tiny outputs
+    img, scale = decode_rgb(path, min_side=max(size, 160), max_pixels=max_pixels)
     circle = find_fundus(img)
     out = crop_to_circle(img, circle, size, mask_outside)
     original = (round(img.width / scale), round(img.height / scale))

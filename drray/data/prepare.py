@@ -22,7 +22,7 @@ OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), p
 
 
 # Bump when the preprocessing changes what it outputs, so prepared data is redone.
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3
 
 
 @dataclass(frozen=True)

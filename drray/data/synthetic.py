@@ -62,7 +62,7 @@ EYEPACS_CAMERA = Camera(
 MESSIDOR_CAMERA = Camera(
     frames=((480, 320), (747, 496), (768, 512)),
     radius_full=(0.45, 0.48), radius_cut=(0.45, 0.48), cut_prob=0.0,
-    exposure=(0.75, 1.1), blur=(0.0, 0.0015), noise=(0.0, 2.0), cast=0.05,
+    exposure=(0.4, 1.3), blur=(0.0, 0.0015), noise=(0.0, 3.0), cast=0.15,
     cast_centre=(0.9, 1.12, 0.85), disc_radius=0.085, notch_prob=0.0,
     grey_background_prob=0.0, offset=0.01,
 )
@@ -75,9 +75,12 @@ ORIGINAL_FRAME = (3888, 2592)  # the common EyePACS original size, for --origina
 
 
 def render_fundus(rng: np.random.Generator, grade: int, eye: str, camera: Camera,
-                  original_size: bool = False) -> Image.Image:
-    """One synthetic fundus photograph (RGB frame) of the given grade and eye."""
-    frame_w, frame_h = camera.frames[rng.integers(len(camera.frames))]
+                  original_size: bool = False, frame_scale: float = 1.0) -> Image.Image:
+    """One synthetic fundus photograph (RGB frame) of the given grade and eye.
+
+    ``frame_scale`` shrinks the camera's frames (faster to draw, for small outputs).
+    """
+    frame_w, frame_h = (round(s * frame_scale) for s in camera.frames[rng.integers(len(camera.frames))])
     cut = rng.random() < camera.cut_prob
     radius = frame_h * rng.uniform(*(camera.radius_cut if cut else camera.radius_full))
     diameter = max(32, round(2 * radius))
@@ -159,10 +162,10 @@ def _draw_layers(rng, grade, d, disc, disc_r, macula) -> dict[str, Image.Image]:
     to_px = lambda p: ((p[0] + 1) / 2 * d, (p[1] + 1) / 2 * d)  # noqa: E731
     _draw_vessel_tree(rng, draws["vein"], draws["artery"], disc, d, to_px)
     # distractors on every grade: drusen (pale, soft) and pigment spots
-    for _ in range(rng.integers(0, 7)):
+    for _ in range(rng.integers(0, 11)):
         _blob(draws["drusen"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.006, 0.014), rng, 200)
-    for _ in range(rng.integers(0, 4)):
-        _blob(draws["pigment"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.005, 0.012), rng, 200)
+    for _ in range(rng.integers(0, 7)):
+        _blob(draws["pigment"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.006, 0.016), rng, 200)
     counts = {kind: rng.integers(lo, hi + 1) for kind, (lo, hi) in LESIONS_BY_GRADE[grade].items()}
     for _ in range(counts["microaneurysm"]):
         _blob(draws["microaneurysm"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.004, 0.007), rng, 255)
@@ -315,7 +318,8 @@ def _notch(rng, frame, cx, cy, r, background) -> None:
 
 def exact_grades(n: int, proportions, rng: np.random.Generator) -> np.ndarray:
     """n grades in the given proportions (largest remainder), shuffled."""
-    raw = np.asarray(proportions) * n
+    p = np.asarray(proportions, dtype=float)
+    raw = p / p.sum() * n  # the published proportions are rounded and sum to 1.001
     counts = np.floor(raw).astype(int)
     for i in np.argsort(-(raw - counts))[: n - counts.sum()]:
         counts[i] += 1
@@ -333,12 +337,13 @@ class _Job:
     seed: int
     index: int
     original_size: bool
+    frame_scale: float
 
 
 def _render_job(job: _Job) -> None:
     rng = np.random.default_rng([job.seed, job.index])
     camera = EYEPACS_CAMERA if job.style == "eyepacs" else MESSIDOR_CAMERA
-    img = render_fundus(rng, job.grade, job.eye, camera, job.original_size)
+    img = render_fundus(rng, job.grade, job.eye, camera, job.original_size, job.frame_scale)
     if job.path.endswith(".png"):
         img.save(job.path, compress_level=1)
     else:
@@ -346,7 +351,8 @@ def _render_job(job: _Job) -> None:
 
 
 def synthesize(out: str | Path, n: int, style: str = "eyepacs", seed: int = 0, test_n: int = 0,
-               original_size: bool = False, workers: int | None = None, progress=None) -> dict:
+               original_size: bool = False, frame_scale: float = 1.0, workers: int | None = None,
+               progress=None) -> dict:
     """Write a synthetic data set in the layout of the real one; return counts per grade."""
     out = Path(out)
     rng = np.random.default_rng([seed, 10**9])
@@ -365,7 +371,7 @@ def synthesize(out: str | Path, n: int, style: str = "eyepacs", seed: int = 0, t
                 patient, eye = first_patient + i // 2, ("left", "right")[i % 2]
                 image_id = f"{patient}_{eye}"
                 path = out / split / f"{image_id}.jpeg"
-                jobs.append(_Job(str(path), int(grade), eye, style, seed, len(jobs), original_size))
+                jobs.append(_Job(str(path), int(grade), eye, style, seed, len(jobs), original_size, frame_scale))
                 usage = ["Public", "Private"][int(rng.random() < 0.8)]
                 rows.append([image_id, int(grade)] + ([usage] if split == "test" else []))
             first_patient += count // 2 + 1
@@ -378,7 +384,7 @@ def synthesize(out: str | Path, n: int, style: str = "eyepacs", seed: int = 0, t
             name = (f"2005{(i % 12) + 1:02d}{(i % 28) + 1:02d}_{40000 + i:05d}_0100_PP.png"
                     if i % 5 < 3 else f"IM{i + 1:06d}.JPG")
             path = out / "images" / name
-            jobs.append(_Job(str(path), int(grade), eye, style, seed, len(jobs), original_size))
+            jobs.append(_Job(str(path), int(grade), eye, style, seed, len(jobs), original_size, frame_scale))
             ungradable = rng.random() < 0.01
             if ungradable:
                 rows.append([name, "", "", 0])

@@ -1,0 +1,32 @@
+# drray: the two set-up commands are `make demo` and `make test`; both install first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they install from local files
+# on our machines); the stamp makes repeated `make test` skip the install.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/drray run prepare --config configs/demo.yaml
+
+bench: install
+	$(BIN)/python bench/prepare.py
+
+lint: install
+	$(BIN)/ruff check drray jobs tests bench
+
+clean:
+	rm -rf runs data/ci bench/out .pytest_cache
