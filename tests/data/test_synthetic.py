@@ -6,7 +6,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from drray.data.synthetic import EYEPACS_CAMERA, EYEPACS_GRADE_P, exact_grades, render_fundus, synthesize
+from drray.data.synthetic import (
+    EYEPACS_CAMERA,
+    EYEPACS_GRADE_P,
+    exact_grades,
+    render_fundus,
+    synthesize,
+)
 
 
 def digest(folder):
@@ -78,8 +84,8 @@ def test_unknown_style(tmp_path):
 @pytest.mark.slow
 def test_referable_is_not_separable_by_global_colour(tmp_path):
     """Lesions must matter: colour histograms alone stay below AUC 0.7 (DESIGN bar)."""
-    from drray.data.prepare import PrepareParams, prepare_rows
     from drray.data.fundus import decode_image
+    from drray.data.prepare import PrepareParams, prepare_rows
     from drray.data.sources import collect_inputs
     from drray.metrics import colour_histograms, cross_validated_auc
 
