@@ -134,7 +134,7 @@ def test_failed_prepare_leaves_the_previous_output(ray_session, messy_eyepacs, t
 
     import drray.distributed.prepare as dp
 
-    def crash(*a, **k):
+    def crash(*args, **kwargs):
         yield from ()
         raise RuntimeError("killed")
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
-DETECT_SIDE = 256  # circle detection runs on an image of at most this side
+DETECT_SIDE = 192  # circle detection runs on an image of at most this side
 
 
 class ImageRejected(Exception):
@@ -140,10 +141,11 @@ def find_fundus(img: Image.Image) -> Circle:
     no fundus is visible.
     """
     factor = min(1.0, DETECT_SIDE / max(img.size))
-    small = img if factor == 1.0 else img.resize(
-        (max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BILINEAR
-    )
-    rgb = np.asarray(small.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
+    if factor < 0.75:  # a box-filtered reduction averages away noise on its own
+        small = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))), Image.BOX)
+    else:
+        small = img.filter(ImageFilter.BoxBlur(1))
+    rgb = np.asarray(small, dtype=np.float32)
     mask = _fundus_mask(rgb)
     points = _edge_points(mask)
     if len(points) < 12:
@@ -175,27 +177,37 @@ def _fundus_mask(rgb: np.ndarray) -> np.ndarray:
             f"no visible fundus: image is nearly uniform (contrast {contrast:.1f} of 255)",
         )
     threshold = max(0.15 * contrast, 3.0 * noise + 2.0)
-    return distance > threshold
+    return _largest_region(distance > threshold)
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest connected bright region, after an opening that removes noise speckles
+    (and stray marks such as text burnt into the frame), which would otherwise pass for edges."""
+    opened = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
+    labels, count = ndimage.label(opened)
+    if count <= 1:
+        return opened
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
 
 
 def _edge_points(mask: np.ndarray) -> np.ndarray:
+    """Where each row and column enters and leaves the fundus, except at the frame's border."""
     h, w = mask.shape
-    points = []
     rows = np.flatnonzero(mask.sum(axis=1) >= 3)
-    for y in rows:
-        xs = np.flatnonzero(mask[y])
-        if xs[0] > 0:
-            points.append((xs[0] - 0.5, y))
-        if xs[-1] < w - 1:
-            points.append((xs[-1] + 0.5, y))
+    first = mask[rows].argmax(axis=1)
+    last = w - 1 - mask[rows, ::-1].argmax(axis=1)
     cols = np.flatnonzero(mask.sum(axis=0) >= 3)
-    for x in cols:
-        ys = np.flatnonzero(mask[:, x])
-        if ys[0] > 0:
-            points.append((x, ys[0] - 0.5))
-        if ys[-1] < h - 1:
-            points.append((x, ys[-1] + 0.5))
-    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    top = mask[:, cols].argmax(axis=0)
+    bottom = h - 1 - mask[::-1, cols].argmax(axis=0)
+    parts = [
+        np.column_stack([first - 0.5, rows])[first > 0],
+        np.column_stack([last + 0.5, rows])[last < w - 1],
+        np.column_stack([cols, top - 0.5])[top > 0],
+        np.column_stack([cols, bottom + 0.5])[bottom < h - 1],
+    ]
+    return np.concatenate(parts).astype(np.float64)
 
 
 def _fit_circle(points: np.ndarray) -> Circle:

@@ -22,7 +22,7 @@ OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), p
 
 
 # Bump when the preprocessing changes what it outputs, so prepared data is redone.
-PREPROCESSING_VERSION = 3
+PREPROCESSING_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def reject_row(image_id: str, path: str | None, kind: str, reason: str) -> dict:
 def build_manifest(*, source: str, images: str, label_files: list[dict], params: PrepareParams,
                    inputs: int, prepared_rows: list[dict], rejects: list[dict], shards: list[dict],
                    duplicate_label_rows: int, started: float, content_hash: str,
-                   inputs_fingerprint: str) -> dict:
+                   inputs_fingerprint: str, timing: dict) -> dict:
     """The manifest: counts that add up, parameters, version and hashes."""
     by_kind = Counter(r["kind"] for r in rejects)
     prepared = len(prepared_rows)
@@ -92,5 +92,5 @@ def build_manifest(*, source: str, images: str, label_files: list[dict], params:
         "shards": shards,
         "content_hash": content_hash,
         "inputs_fingerprint": inputs_fingerprint,
-        "seconds": round(time.time() - started, 2),
+        "timing": {**timing, "total_s": round(time.time() - started, 2)},
     }

@@ -90,7 +90,9 @@ def render_fundus(rng: np.random.Generator, grade: int, eye: str, camera: Camera
     frame = _compose_frame(rng, retina, (frame_w, frame_h), camera)
     if original_size:
         frame = frame.resize(ORIGINAL_FRAME, Image.BICUBIC)
-        noise = Image.effect_noise(ORIGINAL_FRAME, 4).convert("RGB")
+        # sensor noise at full resolution; sigma 2 with quality 85-92 gives ~1-1.3 MB files,
+        # the size of EyePACS originals (entropy decoding is most of a reduced-size decode)
+        noise = Image.effect_noise(ORIGINAL_FRAME, 2).convert("RGB")
         frame = ImageChops.add(frame, noise, scale=1.0, offset=-128)
     return frame
 
@@ -347,7 +349,8 @@ def _render_job(job: _Job) -> None:
     if job.path.endswith(".png"):
         img.save(job.path, compress_level=1)
     else:
-        img.save(job.path, format="JPEG", quality=int(rng.integers(85, 96)))
+        top = 93 if job.original_size else 96
+        img.save(job.path, format="JPEG", quality=int(rng.integers(85, top)))
 
 
 def synthesize(out: str | Path, n: int, style: str = "eyepacs", seed: int = 0, test_n: int = 0,

@@ -53,9 +53,16 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
         for i in items if not i.reject
     ]
     prepared_rows: list[dict] = []
+    if todo:
+        ensure_ray(num_cpus)
+    timing = {"ray_start_s": round(time.time() - started, 2)}
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp / "shards", rows_per_shard)
-        for batch in _run_pipeline(todo, params, batch_size, num_cpus):
+        pipeline_started = time.time()
+        for batch in _run_pipeline(todo, params, batch_size):
+            if "first_batch_s" not in timing:  # worker start-up shows here, not in the rate after
+                timing.update(first_batch_s=round(time.time() - pipeline_started, 2),
+                              first_batch_rows=batch.num_rows)
             ok = pc.is_null(batch["kind"])
             good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
             writer.write(good)
@@ -64,6 +71,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             if progress:
                 progress(len(prepared_rows) + len(rejects), len(items))
         shards = writer.close()
+        timing["pipeline_s"] = round(time.time() - pipeline_started, 2)
         rejects.sort(key=lambda r: (r["image_id"], r["path"] or ""))
         write_rejects(tmp / "rejects.parquet", rejects)
         manifest = build_manifest(
@@ -71,16 +79,15 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             label_files=[{"path": str(p), "sha256": sha256_file(p)} for p in label_files],
             params=params, inputs=len(items), prepared_rows=prepared_rows, rejects=rejects,
             shards=shards, duplicate_label_rows=duplicate_label_rows, started=started,
-            content_hash=_content_hash(shards), inputs_fingerprint=inputs_fingerprint,
+            content_hash=_content_hash(shards), inputs_fingerprint=inputs_fingerprint, timing=timing,
         )
         atomic_write_json(tmp / MANIFEST, manifest)  # written last: its presence means complete
     return manifest
 
 
-def _run_pipeline(todo: list[dict], params: PrepareParams, batch_size: int, num_cpus: int | None):
+def _run_pipeline(todo: list[dict], params: PrepareParams, batch_size: int):
     if not todo:
         return
-    ensure_ray(num_cpus)
     import ray
 
     ctx = ray.data.DataContext.get_current()

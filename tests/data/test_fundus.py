@@ -21,7 +21,7 @@ MAX = 178_956_970
 
 
 def frame(w=600, h=400, cx=300.0, cy=200.0, r=190.0, brightness=1.0, background=(0, 0, 0),
-          notch=False, seed=0) -> Image.Image:
+          notch=False, noise=0.0, seed=0) -> Image.Image:
     """A fundus-like frame: a textured red disc with vessels-ish lines at a known circle."""
     rng = np.random.default_rng(seed)
     img = Image.new("RGB", (w, h), background)
@@ -40,6 +40,9 @@ def frame(w=600, h=400, cx=300.0, cy=200.0, r=190.0, brightness=1.0, background=
                   fill=tuple(int(v * brightness) for v in (110, 30, 20)), width=4)
     if notch:
         draw.polygon([(cx + r, cy - 12), (cx + r, cy + 12), (cx + r - 25, cy)], fill=background)
+    if noise:  # sensor noise over the whole frame, background included (same in each channel)
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0, noise, (h, w, 1))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return img
 
 
@@ -58,6 +61,9 @@ def assert_circle(found: Circle, cx, cy, r, tol=0.03):
     {"background": (45, 45, 45)},  # grey background
     {"background": (40, 40, 40), "brightness": 0.3, "r": 235.0},  # dark on grey, cut
     {"notch": True},  # the camera's notch on the edge
+    {"background": (50, 50, 50), "noise": 12.0},  # noisy grey background: speckles are not edges
+    {"w": 360, "h": 240, "cx": 180.0, "cy": 120.0, "r": 105.0, "background": (50, 50, 50), "noise": 9.0},
+    {"noise": 10.0, "brightness": 0.35, "r": 240.0},  # noisy, dark and cut
     {"w": 1200, "h": 800, "cx": 600.0, "cy": 400.0, "r": 470.0},  # larger than the detection side
 ])
 def test_find_fundus_on_known_circles(kwargs):
@@ -215,3 +221,14 @@ def test_decompression_bomb_is_rejected_without_decoding(tmp_path):
     path2.write_bytes(png_header_only(6000, 5000))
     with pytest.raises(ImageRejected, match="decompression bomb"):
         decode_rgb(path2, 299, max_pixels=10_000_000)
+
+
+def test_jpeg_noise_on_grey_background_is_not_an_edge(tmp_path):
+    """Regression: JPEG blocks of background noise used to pass for fundus edges."""
+    from drray.data.synthetic import EYEPACS_CAMERA, render_fundus
+
+    rng = np.random.default_rng([0, 81])  # image 50_right of `drray synth --n 1000 --seed 0`
+    img = render_fundus(rng, 0, "right", EYEPACS_CAMERA, frame_scale=0.6)
+    path = save(img, tmp_path / "noisy.jpeg", quality=int(rng.integers(85, 96)))
+    prepared = prepare_fundus(path, size=64)
+    assert_circle(prepared.circle, 182.5, 120.5, 109.0, tol=0.04)
