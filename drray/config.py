@@ -36,6 +36,7 @@ class RunConfig:
     dir: str | None = None  # default: runs/<config file stem>
     seed: int = 0
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
+    max_failures: int = 2  # times Ray Train restarts a stage's workers after a failure
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes)
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 1  # leave CPUs free: the Ray Data pipeline that feeds workers needs them
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     channels_last: bool = False
 
@@ -127,7 +128,7 @@ class PretrainConfig:
     init: Literal["random", "imagenet"] = "random"
     weights: str | None = None  # local ImageNet weights file when init=imagenet
     epochs: int = 100
-    batch_size: int = 64
+    batch_size: int = 64  # global: split evenly across workers
     temperature: float = 0.5
     proj_hidden: int = 2048
     proj_out: int = 128
@@ -143,9 +144,15 @@ class PretrainConfig:
 class FinetuneConfig:
     """Stages 2 and 4: supervised fine-tuning on the labeled subset."""
 
+    # "pretrain" (the SimCLR backbone), "distill" (the student), a checkpoint directory, or
+    # "none": `backbone` from scratch (or ImageNet), i.e. the supervised baseline
+    start_from: str = "pretrain"
+    backbone: str = "resnet50"  # used with start_from: none
+    init: Literal["random", "imagenet"] = "random"  # used with start_from: none
+    weights: str | None = None
     head_hidden: int | None = None  # None: Linear(features, 1); authors' code: 512
     epochs: int = 100
-    batch_size: int = 32
+    batch_size: int = 32  # global
     dropout: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=0.05))
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -168,8 +175,10 @@ class DistillConfig:
     init: Literal["random", "imagenet"] = "random"
     weights: str | None = None
     targets: Literal["hard", "soft"] = "hard"
+    pseudolabels: str | None = None  # Parquet image_id,prob,label; default: the teacher's pseudolabels
+    jitter: float = 0.4  # colour-jitter noise on the student's input
     epochs: int = 200
-    batch_size: int = 32
+    batch_size: int = 32  # global
     dropout: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-4))
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -186,7 +195,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    student_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    student_finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="distill"))
     # Where the config came from; not a YAML key. Relative paths in the file are relative
     # to the current directory (the repo root for the shipped configs), like any CLI path.
     source_file: str = field(default="", compare=False, metadata={"internal": True})

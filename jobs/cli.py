@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -14,7 +15,11 @@ from drray.config import ConfigError, SyntheticConfig, load_config
 
 # Jobs that `drray run JOB --config CFG` knows: name -> (module, one-line description).
 JOBS = {
-    "prepare": ("jobs.prepare", "synthesise (where configured) and prepare every data set the config names"),
+    "prepare": ("jobs.prepare:run", "synthesise (where configured) and prepare every data set the config names"),
+    "pretrain": ("jobs.pretrain:run", "stage 1: SimCLR pretraining on the unlabeled train pool (Ray Train)"),
+    "finetune": ("jobs.finetune:run", "stage 2: fine-tune from finetune.start_from (the teacher, by default)"),
+    "distill": ("jobs.distill:run", "stage 3: train the student on the teacher's pseudo-labels"),
+    "student-finetune": ("jobs.finetune:run_student", "stage 4: fine-tune the distilled student on the labels"),
 }
 
 EXAMPLES = """
@@ -135,9 +140,10 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    module = importlib.import_module(JOBS[job][0])
+    module_name, _, function = JOBS[job][0].partition(":")
+    job_fn = getattr(importlib.import_module(module_name), function)
     try:
-        result = module.run(cfg)
+        result = job_fn(cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     if job == "prepare":
@@ -145,6 +151,8 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
 
         for counts in result.values():
             click.echo(format_summary(counts, counts["prepared_dir"]))
+    else:
+        click.echo(json.dumps(result, indent=2, default=str))
 
 
 run.help = (run.help or "") + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in sorted(JOBS.items()))

@@ -24,15 +24,26 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _repo_cwd():
+    """Configs name data paths relative to the repository root, as the README's commands do."""
+    previous = os.getcwd()
+    os.chdir(REPO)
+    yield
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real Ray instance for the whole test session (2 CPUs, like this machine)."""
+    """One real Ray instance for the whole test session. 4 logical CPUs on this 2-core machine:
+    two training workers plus the Ray Data tasks that feed them (a pipeline without a free CPU
+    deadlocks, DESIGN.md section 7)."""
     import ray
 
     from drray.distributed.runtime import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

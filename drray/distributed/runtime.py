@@ -27,7 +27,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # Worker and actor logs stay in Ray's log files (/tmp/ray/session_latest/logs) unless
+    # DRRAY_RAY_LOGS=1: without the dashboard, Ray Train's placement-group cleaner warns every
+    # second that the state API is unavailable. Errors still reach the driver as exceptions, and
+    # training progress is shown from each stage's metrics.jsonl (see distributed.train).
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
+              "log_to_driver": os.environ.get("DRRAY_RAY_LOGS") == "1"}
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     log.info("starting Ray (%s)", address or "local")

@@ -1,0 +1,105 @@
+"""Image transforms by purpose: SimCLR views, training noise, evaluation. Per sample.
+
+Each transform is applied image by image, so every image (and each of SimCLR's two views)
+draws its own crop, flip, rotation and jitter: batched tensor transforms draw one set of
+parameters for the whole batch, which is wrong for contrastive learning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from drray.data.fundus import decode_image
+
+# ImageNet statistics: they suit ImageNet-initialised backbones and are harmless otherwise.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """SimCLR augmentation strengths (mirrors config.AugmentConfig, without importing it)."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotation: float = 180.0
+    jitter_strength: float = 0.5
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+
+
+def _to_normalised_float() -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+
+
+def simclr_view(spec: AugmentSpec) -> v2.Compose:
+    """One SimCLR view: crop, flips, rotation (fundus images have no canonical orientation),
+    colour jitter, grayscale, blur."""
+    s = spec.jitter_strength
+    kernel = max(3, (spec.size // 10) | 1)  # odd, ~10% of the image as in SimCLR
+    return v2.Compose([
+        v2.RandomResizedCrop(spec.size, scale=spec.crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(spec.hflip),
+        v2.RandomVerticalFlip(spec.vflip),
+        v2.RandomRotation(spec.rotation),
+        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=spec.jitter_prob),
+        v2.RandomGrayscale(spec.grayscale_prob),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_prob),
+        *_to_normalised_float(),
+    ])
+
+
+def train_noise(jitter: float = 0.4) -> v2.Compose:
+    """Supervised and student training: flips, right-angle rotations and colour jitter (the
+    paper's student noise is colour jitter and horizontal flips)."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomVerticalFlip(0.5),
+        v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, 0.05)], p=0.8 if jitter else 0.0),
+        *_to_normalised_float(),
+    ])
+
+
+def evaluation() -> v2.Compose:
+    return v2.Compose(_to_normalised_float())
+
+
+def decode_to_tensor(data: bytes) -> torch.Tensor:
+    """A prepared image (shard ``image`` bytes) as a uint8 CHW tensor."""
+    arr = np.asarray(decode_image(data))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def apply_each(transform, images: list[torch.Tensor], size: int) -> np.ndarray:
+    """Apply ``transform`` to each image independently; stack to a float32 NCHW array
+    (an empty batch keeps the image shape, so every block has the same schema)."""
+    if not images:
+        return np.zeros((0, 3, size, size), np.float32)
+    return torch.stack([transform(img) for img in images]).numpy()
+
+
+def iter_eval_batches(prepared: str, split: str | None = None, ids: set[str] | None = None,
+                      batch_size: int = 64):
+    """Plain (no Ray) iteration over prepared images as evaluation batches: for predictions in a
+    single process, tests and baselines. Yields dicts with ``image_id`` and ``image`` (NCHW)."""
+    import pyarrow.parquet as pq
+
+    from drray.data.shards import read_manifest, shard_paths
+
+    size = read_manifest(prepared)["params"]["size"]
+    transform = evaluation()
+    for path in shard_paths(prepared):
+        table = pq.read_table(path, columns=["image_id", "image", "split"])
+        rows = [r for r in table.to_pylist()
+                if (split is None or r["split"] == split) and (ids is None or r["image_id"] in ids)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            images = [decode_to_tensor(r["image"]) for r in chunk]
+            yield {"image_id": [r["image_id"] for r in chunk], "image": apply_each(transform, images, size)}

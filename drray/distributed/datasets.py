@@ -1,0 +1,82 @@
+"""Ray Data pipelines that feed the training stages: read shards, select rows, decode and
+augment per sample in the data pipeline (not in the training worker), emit numpy batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from drray.data.shards import shard_paths
+from drray.data.transforms import (
+    AugmentSpec,
+    apply_each,
+    decode_to_tensor,
+    evaluation,
+    simclr_view,
+    train_noise,
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of a prepared set, and what the pipeline makes of them."""
+
+    prepared: str
+    mode: str  # "simclr": two views; "train": noisy image + target; "eval": clean image (+ target)
+    size: int  # image side (the prepared size, or the SimCLR crop size)
+    split: str | None = "train"
+    targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
+    augment: AugmentSpec | None = None  # simclr mode
+    jitter: float = 0.4  # train mode colour jitter
+
+
+def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
+    """This selection's rows of a shard batch (split and target filter), with their targets."""
+    ids = batch.column("image_id").to_pylist()
+    splits = batch.column("split").to_pylist()
+    keep = [i for i, (image_id, split) in enumerate(zip(ids, splits, strict=True))
+            if (selection.split is None or split == selection.split)
+            and (selection.targets is None or image_id in selection.targets)]
+    out = batch.select(["image_id", "image"]).take(pa.array(keep, pa.int64()))
+    if selection.targets is not None:
+        targets = [selection.targets[ids[i]] for i in keep]
+        out = out.append_column("target", pa.array(targets, pa.float32()))
+    return out
+
+
+def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarray]:
+    """Decode and transform each image on its own (fresh random draws per image and view)."""
+    tensors = [decode_to_tensor(b) for b in batch.column("image").to_pylist()]
+    out: dict[str, np.ndarray] = {"image_id": np.asarray(batch.column("image_id").to_pylist(), dtype=object)}
+    if selection.mode == "simclr":
+        view = simclr_view(selection.augment)
+        out["view1"] = apply_each(view, tensors, selection.size)
+        out["view2"] = apply_each(view, tensors, selection.size)
+    else:
+        transform = train_noise(selection.jitter) if selection.mode == "train" else evaluation()
+        out["image"] = apply_each(transform, tensors, selection.size)
+    if "target" in batch.column_names:
+        out["target"] = batch.column("target").to_numpy().astype(np.float32)
+    return out
+
+
+def stage_dataset(selection: Selection, batch_size: int = 32, materialize: bool = False):
+    """A Ray Dataset of model inputs for ``selection``; it runs as the workers iterate, so
+    every epoch draws new augmentations.
+
+    ``materialize`` keeps the selected rows' encoded images in Ray's object store after the
+    first pass: for a small labeled subset of a large pool, later epochs then do not read the
+    whole pool again.
+    """
+    import ray
+
+    paths = [str(p) for p in shard_paths(selection.prepared)]
+    ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
+    ds = ds.map_batches(select_rows, fn_kwargs={"selection": selection}, batch_size=256,
+                        batch_format="pyarrow", num_cpus=1)
+    if materialize:
+        ds = ds.materialize()
+    return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
+                          batch_format="pyarrow", num_cpus=1)

@@ -1,0 +1,290 @@
+"""Every training stage as a Ray Train job: one worker function, one trainer factory.
+
+The worker builds the model from a ModelSpec, resumes from ``ray.train.get_checkpoint()`` when
+Ray restarted it (worker failure) or when the same command is run again (same run name and
+storage path), runs the engine's loop over its shard of the Ray Data pipeline, and reports a
+full-state checkpoint every ``checkpoint_every`` epochs on every rank (rank 0 carries the
+files). Rank 0 also appends each epoch's metrics to ``metrics.jsonl``, keeps the best model by
+validation AUC (``best/``) and writes the final model (``model/``) into the stage directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drray.artifacts import atomic_directory, atomic_write_json
+from drray.engine.checkpoint import load_training_state, save_checkpoint
+from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
+from drray.engine.model import ModelSpec, init_backbone_from, unwrap
+from drray.engine.optim import build_optimizer, build_scheduler
+from drray.engine.steps import classify_step, simclr_step
+
+log = logging.getLogger(__name__)
+SHUFFLE_BUFFER = 256  # rows shuffled locally per worker on top of the shards' random order
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Everything a training worker needs, picklable and free of config objects."""
+
+    name: str  # stage name, e.g. "pretrain"
+    out_dir: str  # the stage's directory: metrics.jsonl, model/, best/, done.json
+    spec: ModelSpec
+    step: str  # "simclr" or "classify"
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    optim: dict  # OptimConfig fields
+    precision: str = "auto"
+    channels_last: bool = False
+    temperature: float = 0.5
+    gather: bool = True
+    init_backbone: str | None = None  # checkpoint dir whose backbone starts this model
+    init_model: str | None = None  # checkpoint dir whose whole model starts this one
+    validate: bool = False
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------------------------
+
+
+def train_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    run: StageRun = config["run"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(run.seed * 1000 + rank)
+    np.random.seed(run.seed * 1000 + rank)
+    out = Path(run.out_dir)
+    _write_pid(out, rank)
+
+    device = ray.train.torch.get_device()
+    model = _initial_model(run)
+    if run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model.parameters(), run.optim["name"], run.optim["lr"],
+                                run.optim["weight_decay"], run.optim["momentum"], run.optim["nesterov"])
+    total_steps = max(1, run.epochs * run.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, total_steps, run.optim["warmup_epochs"] * run.steps_per_epoch,
+                                run.optim["schedule"])
+    dtype = resolve_precision(run.precision, device)
+    scaler = make_scaler(device, dtype)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start = load_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler) + 1
+        if rank == 0:
+            _append_metrics(out, {"event": "resumed", "epochs_done": start, "time": time.time()})
+            log.info("%s: resumed after epoch %d (its checkpoint)", run.name, start)
+
+    step = simclr_step(run.temperature, run.gather) if run.step == "simclr" else classify_step
+    train_shard = ray.train.get_dataset_shard("train")
+    metrics: dict = {}
+    for epoch in range(start, run.epochs):
+        batches = train_shard.iter_batches(batch_size=run.batch_size, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER)
+        metrics = train_epoch(model, batches, step, optimizer, scheduler, scaler, device=device, dtype=dtype,
+                              channels_last=run.channels_last)
+        metrics["epoch"] = epoch
+        if run.validate and rank == 0:
+            metrics["val_auc"] = _validation_auc(model, run, device, dtype)
+        _report(run, rank, epoch, metrics, model, optimizer, scheduler, scaler)
+    if rank == 0:
+        _finish(run, model, metrics)
+    return metrics
+
+
+def _initial_model(run: StageRun) -> torch.nn.Module:
+    model = run.spec.build()
+    if run.init_backbone:
+        init_backbone_from(model, run.init_backbone)
+    if run.init_model:
+        from drray.models.checkpoints import load_strict
+
+        path = Path(run.init_model) / "model.pt"
+        load_strict(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    return model
+
+
+def _validation_auc(model, run: StageRun, device, dtype) -> float | None:
+    """Validation AUC on rank 0 with the unwrapped model: DDP's forward is a collective."""
+    import ray.train
+    from sklearn.metrics import roc_auc_score
+
+    shard = ray.train.get_dataset_shard("val")
+    batches = list(shard.iter_batches(batch_size=256, batch_format="numpy"))
+    targets = np.concatenate([b["target"] for b in batches]) if batches else np.zeros(0)
+    _, probs = predict(unwrap(model), batches, device=device, dtype=dtype, channels_last=run.channels_last)
+    if len(np.unique(targets)) < 2:
+        return None
+    return float(roc_auc_score(targets, probs))
+
+
+def _report(run: StageRun, rank: int, epoch: int, metrics: dict, model, optimizer, scheduler, scaler) -> None:
+    """Checkpoint and report on every rank (the report is a barrier); rank 0 writes the files."""
+    import ray.train
+
+    last = epoch == run.epochs - 1
+    due = last or (epoch + 1) % max(1, run.checkpoint_every) == 0
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            if due:
+                save_checkpoint(tmp, model=model, spec=run.spec, epoch=epoch, metrics=metrics,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            _append_metrics(Path(run.out_dir), {"stage": run.name, **metrics, "time": time.time()})
+            _keep_best(run, model, metrics)
+            log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(metrics))
+        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+
+
+def _keep_best(run: StageRun, model, metrics: dict) -> None:
+    auc = metrics.get("val_auc")
+    if auc is None:
+        return
+    best_meta = Path(run.out_dir) / "best" / "meta.json"
+    if best_meta.is_file() and json.loads(best_meta.read_text())["metrics"].get("val_auc", -1) >= auc:
+        return
+    with atomic_directory(Path(run.out_dir) / "best") as tmp:
+        save_checkpoint(tmp, model=model, spec=run.spec, epoch=metrics["epoch"], metrics=metrics)
+
+
+def _finish(run: StageRun, model, metrics: dict) -> None:
+    with atomic_directory(Path(run.out_dir) / "model") as tmp:
+        save_checkpoint(tmp, model=model, spec=run.spec, epoch=metrics.get("epoch", run.epochs - 1), metrics=metrics)
+
+
+def _append_metrics(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_pid(out: Path, rank: int) -> None:
+    """Which process is which rank: for operators (and the fault-injection tests)."""
+    (out / "workers").mkdir(parents=True, exist_ok=True)
+    (out / "workers" / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+
+
+def _brief(metrics: dict) -> str:
+    keys = ("loss", "val_auc", "images_per_s", "lr")
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_stage(run: StageRun, datasets: dict, scaling: Scaling, storage: str | Path) -> dict:
+    """Run one stage as a TorchTrainer; resumes if ``storage`` holds this stage's checkpoints.
+
+    The run name is the stage directory's name, so the same command finds its own checkpoints
+    again after the whole job died.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    for path in (run.out_dir, run.init_backbone, run.init_model):
+        if path and not Path(path).is_absolute():
+            raise ValueError(f"{run.name}: {path} must be an absolute path (workers have their own cwd)")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run": run},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=Path(run.out_dir).name,
+            storage_path=str(Path(storage).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    with _EpochPrinter(Path(run.out_dir) / "metrics.jsonl", run.name, run.epochs):
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    metrics = result.return_value if isinstance(getattr(result, "return_value", None), dict) else {}
+    atomic_write_json(Path(run.out_dir) / "done.json", {"stage": run.name, "metrics": metrics,
+                                                        "run": _run_record(run)})
+    return metrics
+
+
+class _EpochPrinter:
+    """Shows the stage's progress on the driver's console by following its metrics.jsonl
+    (worker logs stay in Ray's files), so it works the same locally and on a cluster."""
+
+    def __init__(self, path: Path, name: str, epochs: int, interval: float = 0.5):
+        self.path, self.name, self.epochs, self.interval = path, name, epochs, interval
+        self._stop = threading.Event()
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self):
+        print(f"[{self.name}] starting ({self.epochs} epochs)", file=sys.stderr, flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._print_new()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print_new()
+
+    def _print_new(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self._offset)
+            lines = f.readlines()
+            self._offset = f.tell()
+        for line in lines:
+            record = json.loads(line)
+            if record.get("event") == "resumed":
+                text = f"resumed from the checkpoint after epoch {record['epochs_done']}"
+            else:
+                text = f"epoch {record['epoch'] + 1}/{self.epochs}: {_brief(record)}"
+            print(f"[{self.name}] {text}", file=sys.stderr, flush=True)
+
+
+def _run_record(run: StageRun) -> dict:
+    record = dataclasses.asdict(run)
+    record["spec"] = run.spec.to_dict()
+    return record

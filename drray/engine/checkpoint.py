@@ -1,0 +1,92 @@
+"""Checkpoint directories: weights anyone can load safely, plus the state to resume training.
+
+    model.pt   the model's state dict: ``torch.load(path, weights_only=True)``
+    state.pt   optimizer, scheduler, scaler, RNG states and the epoch (also weights_only-safe)
+    meta.json  what the model is (its ModelSpec), its preprocessing, epoch and metrics
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drray.engine.model import ModelSpec, unwrap
+
+MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "state.pt", "meta.json"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    *internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(directory: str | Path, *, model, spec: ModelSpec, epoch: int, metrics: dict,
+                    optimizer=None, scheduler=None, scaler=None, extra: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(unwrap(model).state_dict(), directory / MODEL_FILE)
+    if optimizer is not None:
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "epoch": epoch,
+            "rng": rng_state(),
+        }, directory / STATE_FILE)
+    meta = {"spec": spec.to_dict(), "epoch": epoch, "metrics": metrics, **(extra or {})}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_training_state(directory: str | Path, *, model, optimizer, scheduler, scaler) -> int:
+    """Restore everything a resumed run needs; return the epoch that was completed."""
+    directory = Path(directory)
+    from drray.models.checkpoints import load_strict
+
+    load_strict(unwrap(model), torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True),
+                str(directory / MODEL_FILE))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scheduler"]:
+        scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"])
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a drray checkpoint ({META_FILE} missing)")
+    return json.loads(path.read_text())
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a checkpoint directory (its spec) and load its weights strictly."""
+    from drray.models.checkpoints import load_strict
+
+    meta = read_meta(directory)
+    model = ModelSpec.from_dict(meta["spec"]).build(pretrained=False)
+    state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    load_strict(model, state, str(Path(directory) / MODEL_FILE))
+    return model.to(device), meta

@@ -1,0 +1,92 @@
+"""The training and prediction loop, shared by every stage. A stage supplies a step function
+``step(model, batch) -> (loss, n_images)``; the loop does precision, optimisation and timing."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: plain fp32).
+
+    ``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16
+    (AVX512-BF16/AMX, 1.4-2.7x faster than fp32 here), fp32 on other CPUs.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}: choose auto, bf16, fp16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native_bf16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling only where fp16 needs it (bf16 has fp32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            value = torch.from_numpy(value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, optimizer, scheduler,
+                scaler, *, device: torch.device, dtype: torch.dtype | None,
+                channels_last: bool = False) -> dict:
+    """One pass over ``batches``; returns loss (mean per image), images, images/s and lr."""
+    model.train()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    for batch in batches:
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            loss, n = step(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += float(loss.detach()) * n
+        seen += n
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(seen, 1), "images": seen, "seconds": round(seconds, 3),
+            "images_per_s": round(seen / max(seconds, 1e-9), 2), "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable[dict], *, device: torch.device,
+            dtype: torch.dtype | None, channels_last: bool = False) -> tuple[list[str], np.ndarray]:
+    """Sigmoid probabilities of a one-logit classifier, with the batches' image ids."""
+    model.eval()
+    ids, probs = [], []
+    for batch in batches:
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(batch["image"])
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        ids.extend(str(i) for i in batch["image_id"])
+    return ids, (np.concatenate(probs) if probs else np.zeros(0, np.float32))

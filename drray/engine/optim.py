@@ -1,0 +1,68 @@
+"""Optimisers (Adam, AdamW, SGD, LARS) and the learning-rate schedule as a pure function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as used by
+    SimCLR for large batches. Biases and normalisation parameters (1-D) are not adapted and get
+    no weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if p.ndim > 1:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.norm(p), torch.norm(grad)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0),
+                                        group["trust_coefficient"] * p_norm / g_norm, torch.ones_like(p_norm))
+                    grad = grad.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                    nesterov: bool = False) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: choose adam, adamw, sgd or lars")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then constant or cosine."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}: choose constant or cosine")
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, schedule: str):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule))

@@ -1,0 +1,101 @@
+"""What the stage jobs share: prepared data, the labeled subset, stage directories and keys.
+
+A stage's directory is ``RUN/<stage>-<key>``, the key a hash of its config section, the data
+it reads and its upstream stage's key: a changed setting gets a fresh directory, the same
+settings find their own again (and Ray Train's checkpoints in ``RUN/ray``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from drray.config import Config, OptimConfig, ScalingConfig, run_dir, to_dict
+from drray.data.shards import read_index
+from drray.data.splits import binary_target, sample_labeled
+from drray.distributed.runtime import ensure_ray
+from drray.distributed.train import Scaling
+from jobs.prepare import ensure_prepared
+
+
+def key_of(*parts) -> str:
+    text = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def prepared_eyepacs(cfg: Config) -> dict:
+    """Make sure the training data is prepared (synthesised first where configured); start Ray."""
+    manifest = ensure_prepared("eyepacs", cfg.data.eyepacs, cfg)
+    ensure_ray(cfg.run.num_cpus)
+    return manifest
+
+
+def data_key(cfg: Config, manifest: dict) -> str:
+    return key_of(manifest["content_hash"], cfg.data.positive)
+
+
+@dataclass(frozen=True)
+class LabeledSubset:
+    labeled: dict[str, float]  # image_id -> binary target
+    validation: dict[str, float]
+
+
+def labeled_subset(cfg: Config) -> LabeledSubset:
+    """The seeded, nested labeled subset and validation hold-out of the train split."""
+    index = read_index(cfg.data.eyepacs.prepared).to_pylist()
+    rows = [r for r in index if r["split"] == "train" and r["grade"] is not None]
+    if not rows:
+        raise ValueError(f"{cfg.data.eyepacs.prepared}: no labeled images in the train split")
+    ids = [r["image_id"] for r in rows]
+    grades = [r["grade"] for r in rows]
+    lab = cfg.labels
+    labeled, validation = sample_labeled(ids, grades, fraction=lab.fraction, count=lab.count,
+                                         strategy=lab.strategy, seed=lab.seed, positive=cfg.data.positive,
+                                         val_count=lab.val_count)
+    grade_of = dict(zip(ids, grades, strict=True))
+    target = lambda i: float(binary_target(grade_of[i], cfg.data.positive))  # noqa: E731
+    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation})
+
+
+def pool_ids(cfg: Config) -> list[str]:
+    """The unlabeled pool: every prepared train-split image (labels unused)."""
+    return [r["image_id"] for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train"]
+
+
+def stage_dir(cfg: Config, stage: str, key: str) -> Path:
+    """Absolute: Ray workers run in directories of their own."""
+    path = (run_dir(cfg) / f"{stage}-{key}").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def storage(cfg: Config) -> Path:
+    """Where Ray Train keeps checkpoints for resumption."""
+    return run_dir(cfg) / "ray"
+
+
+def scaling_of(cfg: Config, scaling: ScalingConfig, keep_checkpoints: int) -> Scaling:
+    return Scaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                   cpus_per_worker=scaling.cpus_per_worker, keep_checkpoints=keep_checkpoints,
+                   max_failures=cfg.run.max_failures)
+
+
+def optim_dict(optim: OptimConfig) -> dict:
+    return to_dict(optim)
+
+
+def steps_per_epoch(n_rows: int, global_batch: int) -> int:
+    return max(1, n_rows // global_batch)
+
+
+def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> int:
+    if global_batch % scaling.num_workers:
+        raise ValueError(f"{what}.batch_size {global_batch} is not divisible by "
+                         f"{what}.scaling.num_workers {scaling.num_workers}")
+    return global_batch // scaling.num_workers
+
+
+def is_done(out: Path) -> bool:
+    return (out / "done.json").is_file() and (out / "model" / "model.pt").is_file()

@@ -1,0 +1,93 @@
+"""Stage 3, ``drray run distill``: the student learns the teacher's pseudo-labels on the
+unlabeled pool, with noise on its input (colour jitter, flips).
+
+Pseudo-labels come from the Parquet contract (``image_id``, ``prob``, ``label``). A pool image
+without a pseudo-label, or a pseudo-label without a pool image, is counted and reported in
+``pseudolabel_join.json``, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from drray.artifacts import atomic_write_json, sha256_file, write_resolved_config
+from drray.config import Config
+from drray.distributed.datasets import Selection, stage_dataset
+from drray.distributed.train import StageRun, fit_stage
+from drray.engine.model import ModelSpec
+from jobs import common
+
+log = logging.getLogger(__name__)
+
+
+def pseudolabel_path(cfg: Config, manifest: dict) -> Path:
+    if cfg.distill.pseudolabels:
+        return Path(cfg.distill.pseudolabels)
+    from jobs import finetune
+
+    return finetune.output_dir(cfg, "finetune", manifest) / "pseudolabels.parquet"
+
+
+def stage_key(cfg: Config, manifest: dict) -> str:
+    labels = pseudolabel_path(cfg, manifest)
+    labels_hash = sha256_file(labels) if labels.is_file() else "missing"
+    return common.key_of("distill", cfg.distill, cfg.data.size, labels_hash, common.data_key(cfg, manifest))
+
+
+def output_dir(cfg: Config, manifest: dict) -> Path:
+    return common.stage_dir(cfg, "distill", stage_key(cfg, manifest))
+
+
+def join_pseudolabels(path: Path, pool: list[str], targets: str) -> tuple[dict[str, float], dict]:
+    """Targets for the pool images from the pseudo-label table, and the counts of the join."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pseudo-labels {path} not found: run `drray run pseudolabel` first "
+                                f"or set distill.pseudolabels")
+    table = pq.read_table(path, columns=["image_id", "prob", "label"]).to_pylist()
+    column = "label" if targets == "hard" else "prob"
+    labels = {r["image_id"]: float(r[column]) for r in table}
+    pool_set = set(pool)
+    counts = {
+        "pool_images": len(pool_set), "pseudolabels": len(labels),
+        "used": len(pool_set & labels.keys()),
+        "pool_without_pseudolabel": len(pool_set - labels.keys()),
+        "pseudolabel_without_image": len(labels.keys() - pool_set),
+        "duplicate_pseudolabel_rows": len(table) - len(labels),
+        "targets": targets,
+    }
+    return {i: labels[i] for i in pool if i in labels}, counts
+
+
+def run(cfg: Config) -> dict:
+    manifest = common.prepared_eyepacs(cfg)
+    d = cfg.distill
+    out = output_dir(cfg, manifest)
+    if common.is_done(out):
+        log.info("distill: complete in %s, skipped", out)
+        return json.loads((out / "done.json").read_text())
+    targets, counts = join_pseudolabels(pseudolabel_path(cfg, manifest), common.pool_ids(cfg), d.targets)
+    atomic_write_json(out / "pseudolabel_join.json", counts)
+    if counts["pool_without_pseudolabel"] or counts["pseudolabel_without_image"]:
+        log.warning("distill: %d pool images have no pseudo-label, %d pseudo-labels match no pool image "
+                    "(see %s)", counts["pool_without_pseudolabel"], counts["pseudolabel_without_image"],
+                    out / "pseudolabel_join.json")
+    if not targets:
+        raise ValueError("distill: no pool image has a pseudo-label")
+    write_resolved_config(out, cfg)
+    size = cfg.data.size
+    run_spec = StageRun(
+        name="distill", out_dir=str(out),
+        spec=ModelSpec("classifier", d.backbone, size, d.init, d.weights, dropout=d.dropout),
+        step="classify", epochs=d.epochs, batch_size=common.per_worker_batch(d.batch_size, d.scaling, "distill"),
+        steps_per_epoch=common.steps_per_epoch(len(targets), d.batch_size), optim=common.optim_dict(d.optim),
+        precision=d.scaling.precision, channels_last=d.scaling.channels_last,
+        checkpoint_every=d.checkpoint_every, seed=cfg.run.seed,
+    )
+    selection = Selection(cfg.data.eyepacs.prepared, "train", size, split="train", targets=targets, jitter=d.jitter)
+    datasets = {"train": stage_dataset(selection).randomize_block_order()}
+    metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, d.scaling, d.keep_checkpoints), common.storage(cfg))
+    return {"stage": "distill", "dir": str(out), "metrics": metrics, "pseudolabel_join": counts}

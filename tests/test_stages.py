@@ -1,0 +1,133 @@
+"""The four training stages on real Ray Train (ci scale): chaining, checkpoints, skipping,
+a worker killed mid-epoch, and a whole command killed and run again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from drray.config import load_config
+from drray.data.transforms import iter_eval_batches
+from drray.engine.checkpoint import load_model
+from drray.engine.loop import predict
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray
+CI = REPO / "configs" / "ci.yaml"
+
+
+def records(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def epochs(stage_dir: Path) -> list[int]:
+    return [r["epoch"] for r in records(stage_dir) if "epoch" in r]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, ray_session):
+    return load_config(CI, [f"run.dir={tmp_path_factory.mktemp('run')}"])
+
+
+def write_pseudolabels(teacher_dir: Path, prepared: str, drop: int, ghosts: int) -> Path:
+    model, _ = load_model(teacher_dir / "model")
+    ids, probs = predict(model, iter_eval_batches(prepared, split="train"), device=torch.device("cpu"), dtype=None)
+    ids = ids[drop:] + [f"ghost_{i}" for i in range(ghosts)]
+    probs = list(probs[drop:]) + [0.9] * ghosts
+    path = teacher_dir / "pseudolabels.parquet"
+    pq.write_table(pa.table({"image_id": ids, "prob": pa.array(probs, pa.float32()),
+                             "label": pa.array([int(p >= 0.5) for p in probs], pa.int8())}), path)
+    return path
+
+
+def test_four_stages_chain_and_skip_when_done(cfg):
+    from jobs import distill, finetune, pretrain
+
+    pre = Path(pretrain.run(cfg)["dir"])
+    assert epochs(pre) == [0, 1]
+    state = torch.load(pre / "model" / "model.pt", weights_only=True)
+    assert any(k.startswith("projection.") for k in state) and any(k.startswith("backbone.") for k in state)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(pre))
+
+    teacher = Path(finetune.run(cfg)["dir"])
+    assert [r.get("val_auc") is not None for r in records(teacher)] == [True, True]
+    assert (teacher / "best" / "model.pt").is_file() and (teacher / "model" / "model.pt").is_file()
+    subset = json.loads((teacher / "subset.json").read_text())
+    assert len(subset["labeled"]) == cfg.labels.count and len(subset["validation"]) == cfg.labels.val_count
+    # the teacher's backbone is the pretrained one at the start: its first conv was loaded, not random
+    torch.load(teacher / "model" / "model.pt", weights_only=True)
+
+    write_pseudolabels(teacher, cfg.data.eyepacs.prepared, drop=5, ghosts=3)
+    result = distill.run(cfg)
+    join = result["pseudolabel_join"]
+    assert join["pool_without_pseudolabel"] == 5 and join["pseudolabel_without_image"] == 3
+    assert join["used"] == join["pool_images"] - 5
+
+    student = Path(finetune.run_student(cfg)["dir"])
+    model, meta = load_model(student / "model")
+    assert meta["spec"]["backbone"] == cfg.distill.backbone and meta["spec"]["kind"] == "classifier"
+
+    # a second run of a finished stage is skipped: nothing new in its metrics
+    before = (pre / "metrics.jsonl").read_text()
+    assert pretrain.run(cfg)["stage"] == "pretrain"
+    assert (pre / "metrics.jsonl").read_text() == before
+
+
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(tmp_path, ray_session):
+    """Two gloo workers; rank 1 is SIGKILLed during epoch 2; Ray restarts the group and the
+    stage continues from the last checkpoint instead of epoch 0."""
+    from jobs import common, pretrain
+
+    cfg = load_config(CI, [f"run.dir={tmp_path}", "pretrain.epochs=4", "pretrain.scaling.num_workers=2"])
+    manifest = common.prepared_eyepacs(cfg)
+    stage = pretrain.output_dir(cfg, manifest)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=pretrain.run(cfg)), daemon=True)
+    worker.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((stage / "metrics.jsonl").exists() and epochs(stage)):
+        time.sleep(0.2)
+    assert epochs(stage), "first epoch never finished"
+    time.sleep(0.5)  # into the next epoch
+    os.kill(int((stage / "workers" / "rank1.pid").read_text()), signal.SIGKILL)
+    worker.join(timeout=400)
+    assert "result" in outcome, "the stage did not finish after the worker was killed"
+    resumed = [r for r in records(stage) if r.get("event") == "resumed"]
+    assert resumed and resumed[0]["epochs_done"] >= 1
+    done = epochs(stage)
+    assert done[-1] == 3 and done.count(0) == 1  # continued, never restarted from epoch 0
+
+
+def test_killed_command_resumes_when_run_again(tmp_path):
+    """The whole job (driver and its Ray) killed after a checkpoint; the same command resumes."""
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "pretrain", "--config", str(CI),
+           "--set", f"run.dir={tmp_path}", "--set", "pretrain.epochs=4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    stage = None
+    while time.time() < deadline:
+        found = list(tmp_path.glob("pretrain-*/metrics.jsonl"))
+        if found and epochs(found[0].parent):
+            stage = found[0].parent
+            break
+        time.sleep(0.2)
+    assert stage is not None, proc.communicate(timeout=5)[0].decode()[-3000:]
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (stage / "done.json").exists()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from the checkpoint" in again.stderr
+    done = epochs(stage)
+    assert done[-1] == 3 and done.count(0) == 1
