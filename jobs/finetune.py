@@ -91,7 +91,6 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
         "val": stage_dataset(Selection(prepared, "eval", size, split="train", targets=subset.validation),
                              materialize=True),
     }
-    datasets["train"] = datasets["train"].randomize_block_order()
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, section.scaling, section.keep_checkpoints),
                         common.storage(cfg))
     return {"stage": name, "dir": str(out), "metrics": metrics}

@@ -43,32 +43,44 @@ class PreparedDataError(ValueError):
 
 
 class ShardWriter:
-    """Writes rows into numbered Parquet shards of at most ``rows_per_shard`` rows."""
+    """Writes rows into numbered Parquet shards of at most ``rows_per_shard`` rows, in row
+    groups of ``rows_per_group`` (small groups would make readers pay per-group overhead;
+    groups are also the unit a reader can shuffle and split)."""
 
-    def __init__(self, directory: Path, rows_per_shard: int = 2000):
+    def __init__(self, directory: Path, rows_per_shard: int = 2000, rows_per_group: int = 250):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.rows_per_shard = rows_per_shard
+        self.rows_per_shard, self.rows_per_group = rows_per_shard, rows_per_group
         self.shards: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_current = 0
+        self._pending: list[pa.Table] = []
 
     def write(self, table: pa.Table) -> None:
-        table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+        self._pending.append(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+        if sum(t.num_rows for t in self._pending) >= self.rows_per_group:
+            self._flush()
+
+    def close(self) -> list[dict]:
+        self._flush()
+        self._close_current()
+        return self.shards
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending).combine_chunks()
+        self._pending = []
         start = 0
         while start < table.num_rows:
             if self._writer is None:
                 self._open()
             take = min(self.rows_per_shard - self._rows_in_current, table.num_rows - start)
-            self._writer.write_table(table.slice(start, take))
+            self._writer.write_table(table.slice(start, take), row_group_size=self.rows_per_group)
             self._rows_in_current += take
             start += take
             if self._rows_in_current >= self.rows_per_shard:
                 self._close_current()
-
-    def close(self) -> list[dict]:
-        self._close_current()
-        return self.shards
 
     def _open(self) -> None:
         name = f"shard-{len(self.shards):05d}.parquet"

@@ -62,7 +62,7 @@ EYEPACS_CAMERA = Camera(
 MESSIDOR_CAMERA = Camera(
     frames=((480, 320), (747, 496), (768, 512)),
     radius_full=(0.45, 0.48), radius_cut=(0.45, 0.48), cut_prob=0.0,
-    exposure=(0.4, 1.3), blur=(0.0, 0.0015), noise=(0.0, 3.0), cast=0.15,
+    exposure=(0.3, 1.4), blur=(0.0, 0.0015), noise=(0.0, 3.0), cast=0.22,
     cast_centre=(0.9, 1.12, 0.85), disc_radius=0.085, notch_prob=0.0,
     grey_background_prob=0.0, offset=0.01,
 )
@@ -152,7 +152,7 @@ LAYER_STYLE = {
 LESIONS_BY_GRADE = {  # (min, max) counts per lesion kind
     0: {"microaneurysm": (0, 0), "haemorrhage": (0, 0), "exudate": (0, 0), "cotton_wool": (0, 0), "new_vessel": (0, 0)},
     1: {"microaneurysm": (1, 6), "haemorrhage": (0, 0), "exudate": (0, 0), "cotton_wool": (0, 0), "new_vessel": (0, 0)},
-    2: {"microaneurysm": (4, 14), "haemorrhage": (3, 9), "exudate": (1, 3), "cotton_wool": (0, 2), "new_vessel": (0, 0)},
+    2: {"microaneurysm": (4, 14), "haemorrhage": (4, 10), "exudate": (1, 3), "cotton_wool": (0, 2), "new_vessel": (0, 0)},
     3: {"microaneurysm": (8, 20), "haemorrhage": (10, 22), "exudate": (1, 4), "cotton_wool": (1, 4), "new_vessel": (0, 0)},
     4: {"microaneurysm": (6, 16), "haemorrhage": (5, 16), "exudate": (1, 3), "cotton_wool": (0, 3), "new_vessel": (1, 3)},
 }
@@ -172,13 +172,13 @@ def _draw_layers(rng, grade, d, disc, disc_r, macula) -> dict[str, Image.Image]:
     for _ in range(counts["microaneurysm"]):
         _blob(draws["microaneurysm"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.004, 0.007), rng, 255)
     for _ in range(counts["haemorrhage"]):
-        _blob(draws["haemorrhage"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.010, 0.026), rng, 255,
+        _blob(draws["haemorrhage"], to_px(_random_point(rng, disc, disc_r)), d * rng.uniform(0.014, 0.032), rng, 255,
               elongation=rng.uniform(1.0, 2.2))
     for _ in range(counts["exudate"]):  # hard exudates come in clusters, often around the macula
         centre = macula + rng.normal(0, 0.25, 2) if rng.random() < 0.6 else _random_point(rng, disc, disc_r)
         for _ in range(rng.integers(3, 10)):
             p = centre + rng.normal(0, 0.035, 2)
-            _blob(draws["exudate"], to_px(p), d * rng.uniform(0.004, 0.010), rng, 255)
+            _blob(draws["exudate"], to_px(p), d * rng.uniform(0.006, 0.012), rng, 255)
     for _ in range(counts["cotton_wool"]):
         _blob(draws["cotton_wool"], to_px(_random_point(rng, disc, disc_r, max_rho=0.6)), d * rng.uniform(0.018, 0.032), rng, 150,
               elongation=rng.uniform(1.0, 1.8))

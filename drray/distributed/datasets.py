@@ -76,7 +76,9 @@ def stage_dataset(selection: Selection, batch_size: int = 32, materialize: bool 
     ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
     ds = ds.map_batches(select_rows, fn_kwargs={"selection": selection}, batch_size=256,
                         batch_format="pyarrow", num_cpus=1)
-    if materialize:
-        ds = ds.materialize()
+    # Shuffle the encoded rows, not the decoded tensors: a small selection is kept in the
+    # object store and fully reshuffled every epoch; a pool is read in random block order
+    # (and shuffled locally by the workers).
+    ds = ds.materialize().random_shuffle() if materialize else ds.randomize_block_order()
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
                           batch_format="pyarrow", num_cpus=1)

@@ -26,7 +26,9 @@ class ClassifierHead(nn.Sequential):
 
     def __init__(self, in_dim: int, hidden_dim: int | None = None, dropout: float = 0.0):
         if hidden_dim is None:
-            layers: list[nn.Module] = [nn.Linear(in_dim, 1)]
+            # dropout on the features (the student's optional noise); Dropout(0) is the identity
+            # and holds no weights, so the checkpoint keys are the same with or without it
+            layers: list[nn.Module] = [nn.Dropout(dropout), nn.Linear(in_dim, 1)]
         else:
             layers = [
                 nn.Linear(in_dim, hidden_dim),
