@@ -15,11 +15,11 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 def _children(pid: int) -> list[int]:
     out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+    try:  # a process may exit while we look at it
+        for task in Path(f"/proc/{pid}/task").glob("*"):
             out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
+    except OSError:
+        pass
     return out
 
 

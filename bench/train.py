@@ -54,7 +54,7 @@ def seed_worker(_):
 
 loader = torch.utils.data.DataLoader(Views(), batch_size=p.batch_size, shuffle=True, drop_last=True,
                                      num_workers=1, persistent_workers=True, worker_init_fn=seed_worker,
-                                     prefetch_factor=4)
+                                     prefetch_factor=2)
 device = torch.device("cpu")
 spec = ModelSpec("simclr", p.backbone, cfg.data.size, proj_hidden=p.proj_hidden, proj_out=p.proj_out)
 model = spec.build()

@@ -88,6 +88,6 @@ def run(cfg: Config) -> dict:
         checkpoint_every=d.checkpoint_every, seed=cfg.run.seed,
     )
     selection = Selection(cfg.data.eyepacs.prepared, "train", size, split="train", targets=targets, jitter=d.jitter)
-    datasets = {"train": stage_dataset(selection)}
+    datasets = {"train": stage_dataset(selection, run_spec.batch_size)}
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, d.scaling, d.keep_checkpoints), common.storage(cfg))
     return {"stage": "distill", "dir": str(out), "metrics": metrics, "pseudolabel_join": counts}

@@ -87,9 +87,9 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
     prepared = cfg.data.eyepacs.prepared
     datasets = {
         "train": stage_dataset(Selection(prepared, "train", size, split="train", targets=subset.labeled),
-                               materialize=True),
+                               run_spec.batch_size, materialize=True),
         "val": stage_dataset(Selection(prepared, "eval", size, split="train", targets=subset.validation),
-                             materialize=True),
+                             256, materialize=True),
     }
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, section.scaling, section.keep_checkpoints),
                         common.storage(cfg))

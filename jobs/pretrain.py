@@ -44,6 +44,6 @@ def run(cfg: Config) -> dict:
         precision=p.scaling.precision, channels_last=p.scaling.channels_last, temperature=p.temperature,
         gather=p.gather_negatives, checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
     )
-    datasets = {"train": stage_dataset(selection)}
+    datasets = {"train": stage_dataset(selection, run_spec.batch_size)}
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, p.scaling, p.keep_checkpoints), common.storage(cfg))
     return {"stage": "pretrain", "dir": str(out), "metrics": metrics}

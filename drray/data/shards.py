@@ -47,7 +47,7 @@ class ShardWriter:
     groups of ``rows_per_group`` (small groups would make readers pay per-group overhead;
     groups are also the unit a reader can shuffle and split)."""
 
-    def __init__(self, directory: Path, rows_per_shard: int = 2000, rows_per_group: int = 250):
+    def __init__(self, directory: Path, rows_per_shard: int = 500, rows_per_group: int = 250):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard, self.rows_per_group = rows_per_shard, rows_per_group

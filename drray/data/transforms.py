@@ -1,4 +1,4 @@
-"""Image transforms by purpose: SimCLR views, training noise, evaluation. Per sample.
+"""Image transforms by purpose: SimCLR views, training noise, evaluation. Per sample, on uint8.
 
 Each transform is applied image by image, so every image (and each of SimCLR's two views)
 draws its own crop, flip, rotation and jitter: batched tensor transforms draw one set of
@@ -35,8 +35,11 @@ class AugmentSpec:
     blur_prob: float = 0.5
 
 
-def _to_normalised_float() -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW images -> float32, scaled to [0, 1] and standardised (ImageNet statistics)."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
 
 
 def simclr_view(spec: AugmentSpec) -> v2.Compose:
@@ -52,7 +55,6 @@ def simclr_view(spec: AugmentSpec) -> v2.Compose:
         v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=spec.jitter_prob),
         v2.RandomGrayscale(spec.grayscale_prob),
         v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_prob),
-        *_to_normalised_float(),
     ])
 
 
@@ -63,12 +65,11 @@ def train_noise(jitter: float = 0.4) -> v2.Compose:
         v2.RandomHorizontalFlip(0.5),
         v2.RandomVerticalFlip(0.5),
         v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, 0.05)], p=0.8 if jitter else 0.0),
-        *_to_normalised_float(),
     ])
 
 
 def evaluation() -> v2.Compose:
-    return v2.Compose(_to_normalised_float())
+    return v2.Compose([v2.Identity()])
 
 
 def decode_to_tensor(data: bytes) -> torch.Tensor:
@@ -78,10 +79,10 @@ def decode_to_tensor(data: bytes) -> torch.Tensor:
 
 
 def apply_each(transform, images: list[torch.Tensor], size: int) -> np.ndarray:
-    """Apply ``transform`` to each image independently; stack to a float32 NCHW array
+    """Apply ``transform`` to each image independently; stack to a uint8 NCHW array
     (an empty batch keeps the image shape, so every block has the same schema)."""
     if not images:
-        return np.zeros((0, 3, size, size), np.float32)
+        return np.zeros((0, 3, size, size), np.uint8)
     return torch.stack([transform(img) for img in images]).numpy()
 
 

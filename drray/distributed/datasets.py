@@ -18,6 +18,10 @@ from drray.data.transforms import (
     train_noise,
 )
 
+# Half a CPU per data task: two tasks share each CPU left free by the training workers, so one
+# decodes while the other waits on the object store or the scheduler (measured in bench/train).
+DATA_TASK_CPUS = 0.5
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -62,9 +66,10 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
     return out
 
 
-def stage_dataset(selection: Selection, batch_size: int = 32, materialize: bool = False):
+def stage_dataset(selection: Selection, batch_size: int, materialize: bool = False):
     """A Ray Dataset of model inputs for ``selection``; it runs as the workers iterate, so
-    every epoch draws new augmentations.
+    every epoch draws new augmentations. Blocks of the worker's ``batch_size`` let the worker
+    take batches as they come instead of re-assembling them from smaller blocks.
 
     ``materialize`` keeps the selected rows' encoded images in Ray's object store after the
     first pass: for a small labeled subset of a large pool, later epochs then do not read the
@@ -73,12 +78,14 @@ def stage_dataset(selection: Selection, batch_size: int = 32, materialize: bool 
     import ray
 
     paths = [str(p) for p in shard_paths(selection.prepared)]
-    ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
+    # Shuffle the encoded rows, not decoded tensors: a small selection is kept in the object
+    # store and fully reshuffled every epoch; a pool is read shard by shard in a new random
+    # order every epoch ("files": no all-to-all barrier, so each epoch starts streaming at once).
+    ds = ray.data.read_parquet(paths, shuffle=None if materialize else "files")
+    ds = ds.select_columns(["image_id", "image", "split"])
     ds = ds.map_batches(select_rows, fn_kwargs={"selection": selection}, batch_size=256,
-                        batch_format="pyarrow", num_cpus=1)
-    # Shuffle the encoded rows, not the decoded tensors: a small selection is kept in the
-    # object store and fully reshuffled every epoch; a pool is read in random block order
-    # (and shuffled locally by the workers).
-    ds = ds.materialize().random_shuffle() if materialize else ds.randomize_block_order()
+                        batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    if materialize:
+        ds = ds.materialize().random_shuffle()
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
-                          batch_format="pyarrow", num_cpus=1)
+                          batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)

@@ -41,9 +41,13 @@ def _prepare_batch(batch: pa.Table, params: PrepareParams) -> pa.Table:
 def prepare_dataset(items: list[InputItem], out: str | Path, params: PrepareParams, *,
                     source: str, images: str, label_files: list[Path], duplicate_label_rows: int = 0,
                     inputs_fingerprint: str = "",
-                    batch_size: int = 16, rows_per_shard: int = 2000, num_cpus: int | None = None,
+                    batch_size: int = 16, rows_per_shard: int = 500, num_cpus: int | None = None,
                     progress: Progress | None = None) -> dict:
-    """Prepare every input item into ``out``; return the manifest."""
+    """Prepare every input item into ``out``; return the manifest.
+
+    Shards are kept small (``rows_per_shard``): a shard is the unit that training reads in
+    random order, so smaller shards shuffle a large pool better at no cost in memory.
+    """
     started = time.time()
     out = Path(out)
     clean_stale_temporaries(out)

@@ -32,7 +32,6 @@ from drray.engine.optim import build_optimizer, build_scheduler
 from drray.engine.steps import classify_step, simclr_step
 
 log = logging.getLogger(__name__)
-SHUFFLE_BUFFER = 256  # rows shuffled locally per worker on top of the shards' random order
 
 
 @dataclass(frozen=True)
@@ -110,11 +109,14 @@ def train_worker(config: dict) -> dict:
     train_shard = ray.train.get_dataset_shard("train")
     metrics: dict = {}
     for epoch in range(start, run.epochs):
+        # No local shuffle buffer: rows are shuffled upstream (datasets.stage_dataset), and a
+        # buffer here would copy every batch again in the training process. Prefetching several
+        # batches keeps the pipeline running ahead of training (data_wait_s shows when it is not).
         batches = train_shard.iter_batches(batch_size=run.batch_size, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=SHUFFLE_BUFFER)
+                                           prefetch_batches=8)
         metrics = train_epoch(model, batches, step, optimizer, scheduler, scaler, device=device, dtype=dtype,
                               channels_last=run.channels_last)
-        metrics["epoch"] = epoch
+        metrics.update(epoch=epoch, torch_threads=torch.get_num_threads())
         if run.validate and rank == 0:
             metrics["val_auc"] = _validation_auc(model, run, device, dtype)
         _report(run, rank, epoch, metrics, model, optimizer, scheduler, scaler)

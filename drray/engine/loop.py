@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from drray.data.transforms import normalise
+
 Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
 
 
@@ -43,12 +45,15 @@ def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Move a batch to the device; uint8 images (NCHW) are normalised there."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
             value = torch.from_numpy(value)
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
+            if value.ndim == 4 and value.dtype == torch.uint8:
+                value = normalise(value)
             if channels_last and value.ndim == 4:
                 value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
@@ -58,10 +63,13 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, optimizer, scheduler,
                 scaler, *, device: torch.device, dtype: torch.dtype | None,
                 channels_last: bool = False) -> dict:
-    """One pass over ``batches``; returns loss (mean per image), images, images/s and lr."""
+    """One pass over ``batches``; returns loss (mean per image), images, images/s, lr, and
+    data_wait_s: the time spent waiting for batches (a slow input pipeline shows here)."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
+    waited, ready = 0.0, start
     for batch in batches:
+        waited += time.perf_counter() - ready
         batch = to_device(batch, device, channels_last)
         with autocast(device, dtype):
             loss, n = step(model, batch)
@@ -72,9 +80,11 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
         scheduler.step()
         total += float(loss.detach()) * n
         seen += n
+        ready = time.perf_counter()
     seconds = time.perf_counter() - start
     return {"loss": total / max(seen, 1), "images": seen, "seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 2), "lr": optimizer.param_groups[0]["lr"]}
+            "images_per_s": round(seen / max(seconds, 1e-9), 2), "data_wait_s": round(waited, 3),
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def test_select_rows_without_targets_keeps_the_split():
 def test_model_inputs_for_each_mode():
     rows = select_rows(shard_batch(), Selection("unused", "eval", 32, split=None, targets={"a": 1.0, "b": 0.0}))
     ev = to_model_inputs(rows, Selection("unused", "eval", 32, split=None, targets={"a": 1.0, "b": 0.0}))
-    assert ev["image"].shape == (2, 3, 32, 32) and ev["image"].dtype == np.float32
+    assert ev["image"].shape == (2, 3, 32, 32) and ev["image"].dtype == np.uint8  # normalised on the device
     assert ev["target"].tolist() == [1.0, 0.0] and list(ev["image_id"]) == ["a", "b"]
     simclr = Selection("unused", "simclr", 24, split="train", augment=AugmentSpec(size=24))
     views = to_model_inputs(select_rows(shard_batch(), simclr), simclr)

@@ -160,3 +160,14 @@ def test_predict_returns_probabilities_with_ids():
     batches = [{"image_id": ["a", "b"], "image": np.random.rand(2, 3, 32, 32).astype(np.float32)}]
     ids, probs = predict(model, batches, device=torch.device("cpu"), dtype=None)
     assert ids == ["a", "b"] and probs.shape == (2,) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_uint8_images_are_normalised_on_the_device():
+    from drray.data.transforms import MEAN, STD
+    from drray.engine.loop import to_device
+
+    images = np.full((2, 3, 4, 4), 255, np.uint8)
+    out = to_device({"image": images, "target": np.ones(2, np.float32)}, torch.device("cpu"))
+    assert out["image"].dtype == torch.float32
+    assert torch.allclose(out["image"][0, :, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
+    assert out["target"].dtype == torch.float32
