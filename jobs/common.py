@@ -90,6 +90,12 @@ def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, n_rows // global_batch)
 
 
+def epochs_per_pass(epochs: int) -> int:
+    from drray.distributed.datasets import EPOCHS_PER_PASS
+
+    return max(1, min(epochs, EPOCHS_PER_PASS))
+
+
 def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> int:
     if global_batch % scaling.num_workers:
         raise ValueError(f"{what}.batch_size {global_batch} is not divisible by "

@@ -86,8 +86,9 @@ def run(cfg: Config) -> dict:
         steps_per_epoch=common.steps_per_epoch(len(targets), d.batch_size), optim=common.optim_dict(d.optim),
         precision=d.scaling.precision, channels_last=d.scaling.channels_last,
         checkpoint_every=d.checkpoint_every, seed=cfg.run.seed,
+        epochs_per_pass=common.epochs_per_pass(d.epochs),
     )
     selection = Selection(cfg.data.eyepacs.prepared, "train", size, split="train", targets=targets, jitter=d.jitter)
-    datasets = {"train": stage_dataset(selection, run_spec.batch_size)}
+    datasets = {"train": stage_dataset(selection, run_spec.batch_size, epochs_per_pass=run_spec.epochs_per_pass)}
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, d.scaling, d.keep_checkpoints), common.storage(cfg))
     return {"stage": "distill", "dir": str(out), "metrics": metrics, "pseudolabel_join": counts}

@@ -83,13 +83,14 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
         init_model=str(start) if whole_model else None,
         init_backbone=str(start) if start is not None and not whole_model else None,
         validate=bool(subset.validation), checkpoint_every=section.checkpoint_every, seed=cfg.run.seed,
+        epochs_per_pass=common.epochs_per_pass(section.epochs),
     )
     prepared = cfg.data.eyepacs.prepared
     datasets = {
         "train": stage_dataset(Selection(prepared, "train", size, split="train", targets=subset.labeled),
-                               run_spec.batch_size, materialize=True),
+                               run_spec.batch_size, full_shuffle=True, epochs_per_pass=run_spec.epochs_per_pass),
         "val": stage_dataset(Selection(prepared, "eval", size, split="train", targets=subset.validation),
-                             256, materialize=True),
+                             256),
     }
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, section.scaling, section.keep_checkpoints),
                         common.storage(cfg))

@@ -43,7 +43,8 @@ def run(cfg: Config) -> dict:
         steps_per_epoch=common.steps_per_epoch(n_pool, p.batch_size), optim=common.optim_dict(p.optim),
         precision=p.scaling.precision, channels_last=p.scaling.channels_last, temperature=p.temperature,
         gather=p.gather_negatives, checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
+        epochs_per_pass=common.epochs_per_pass(p.epochs),
     )
-    datasets = {"train": stage_dataset(selection, run_spec.batch_size)}
+    datasets = {"train": stage_dataset(selection, run_spec.batch_size, epochs_per_pass=run_spec.epochs_per_pass)}
     metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, p.scaling, p.keep_checkpoints), common.storage(cfg))
     return {"stage": "pretrain", "dir": str(out), "metrics": metrics}

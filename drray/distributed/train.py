@@ -11,6 +11,7 @@ validation AUC (``best/``) and writes the final model (``model/``) into the stag
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class StageRun:
     validate: bool = False
     checkpoint_every: int = 1
     seed: int = 0
+    epochs_per_pass: int = 1  # epochs in one pass of the "train" dataset (datasets.repeat)
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,22 @@ def train_worker(config: dict) -> dict:
     step = simclr_step(run.temperature, run.gather) if run.step == "simclr" else classify_step
     train_shard = ray.train.get_dataset_shard("train")
     metrics: dict = {}
+    stream = None
     for epoch in range(start, run.epochs):
-        # No local shuffle buffer: rows are shuffled upstream (datasets.stage_dataset), and a
-        # buffer here would copy every batch again in the training process. Prefetching several
-        # batches keeps the pipeline running ahead of training (data_wait_s shows when it is not).
-        batches = train_shard.iter_batches(batch_size=run.batch_size, batch_format="numpy", drop_last=True,
-                                           prefetch_batches=8)
+        if stream is None or (epoch - start) % run.epochs_per_pass == 0:
+            # One pass streams epochs_per_pass epochs; every rank starts passes at the same
+            # epochs, so all ranks take the same number of equal batches (DDP needs that).
+            # No local shuffle buffer: rows are shuffled upstream, and a buffer here would copy
+            # every batch again in the training process.
+            stream = iter(train_shard.iter_batches(batch_size=run.batch_size, batch_format="numpy",
+                                                   drop_last=True, prefetch_batches=8))
+        batches = itertools.islice(stream, run.steps_per_epoch)
         metrics = train_epoch(model, batches, step, optimizer, scheduler, scaler, device=device, dtype=dtype,
                               channels_last=run.channels_last)
+        expected = run.steps_per_epoch * run.batch_size
+        if metrics["images"] < expected:  # never train on a silently shortened epoch
+            raise RuntimeError(f"{run.name} epoch {epoch}: the data pipeline delivered {metrics['images']} "
+                               f"of {expected} images; is the selection smaller than counted?")
         metrics.update(epoch=epoch, torch_threads=torch.get_num_threads())
         if run.validate and rank == 0:
             metrics["val_auc"] = _validation_auc(model, run, device, dtype)

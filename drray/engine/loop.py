@@ -67,9 +67,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
     data_wait_s: the time spent waiting for batches (a slow input pipeline shows here)."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    waited, ready = 0.0, start
+    waited, ready, first_wait = 0.0, start, None
     for batch in batches:
         waited += time.perf_counter() - ready
+        first_wait = waited if first_wait is None else first_wait
         batch = to_device(batch, device, channels_last)
         with autocast(device, dtype):
             loss, n = step(model, batch)
@@ -84,6 +85,7 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
     seconds = time.perf_counter() - start
     return {"loss": total / max(seen, 1), "images": seen, "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 2), "data_wait_s": round(waited, 3),
+            "first_batch_wait_s": round(first_wait or 0.0, 3),
             "lr": optimizer.param_groups[0]["lr"]}
 
 
