@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
 from drray.distributed.train import Scaling
 from jobs.prepare import ensure_prepared
+
+log = logging.getLogger(__name__)
 
 
 def key_of(*parts) -> str:
@@ -103,5 +106,9 @@ def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> in
     return global_batch // scaling.num_workers
 
 
-def is_done(out: Path) -> bool:
-    return (out / "done.json").is_file() and (out / "model" / "model.pt").is_file()
+def finished(out: Path, stage: str) -> dict | None:
+    """The record of a stage that already completed in ``out`` (then it is skipped), else None."""
+    if (out / "done.json").is_file() and (out / "model" / "model.pt").is_file():
+        log.info("%s: complete in %s, skipped", stage, out)
+        return json.loads((out / "done.json").read_text())
+    return None

@@ -8,7 +8,6 @@ without a pseudo-label, or a pseudo-label without a pool image, is counted and r
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -66,9 +65,8 @@ def run(cfg: Config) -> dict:
     manifest = common.prepared_eyepacs(cfg)
     d = cfg.distill
     out = output_dir(cfg, manifest)
-    if common.is_done(out):
-        log.info("distill: complete in %s, skipped", out)
-        return json.loads((out / "done.json").read_text())
+    if done := common.finished(out, "distill"):
+        return done
     targets, counts = join_pseudolabels(pseudolabel_path(cfg, manifest), common.pool_ids(cfg), d.targets)
     atomic_write_json(out / "pseudolabel_join.json", counts)
     if counts["pool_without_pseudolabel"] or counts["pseudolabel_without_image"]:

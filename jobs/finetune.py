@@ -7,7 +7,6 @@ backbone (``pretrain``), the distilled student (``distill``), or any drray check
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -54,9 +53,8 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
     section: FinetuneConfig = getattr(cfg, section_name)
     name = STAGE_NAMES[section_name]
     out = output_dir(cfg, section_name, manifest)
-    if common.is_done(out):
-        log.info("%s: complete in %s, skipped", name, out)
-        return json.loads((out / "done.json").read_text())
+    if done := common.finished(out, name):
+        return done
     start, _ = _start_point(cfg, section, manifest)
     size = cfg.data.size
     if start is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from drray.artifacts import write_resolved_config
@@ -28,9 +27,8 @@ def run(cfg: Config) -> dict:
     manifest = common.prepared_eyepacs(cfg)
     p = cfg.pretrain
     out = output_dir(cfg, manifest)
-    if common.is_done(out):
-        log.info("pretrain: complete in %s, skipped", out)
-        return json.loads((out / "done.json").read_text())
+    if done := common.finished(out, "pretrain"):
+        return done
     write_resolved_config(out, cfg)
     size = cfg.data.size
     augment = AugmentSpec(size=size, **common.to_dict(p.augment))

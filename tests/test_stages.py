@@ -131,3 +131,17 @@ def test_killed_command_resumes_when_run_again(tmp_path):
     assert "resumed from the checkpoint" in again.stderr
     done = epochs(stage)
     assert done[-1] == 3 and done.count(0) == 1
+
+
+def test_epochs_span_several_pipeline_passes(tmp_path, ray_session, monkeypatch):
+    """A pass of the data pipeline streams several epochs; a new pass starts where the last
+    ended, and every epoch still gets its full number of batches."""
+    import drray.distributed.datasets as datasets
+    from jobs import pretrain
+
+    monkeypatch.setattr(datasets, "EPOCHS_PER_PASS", 2)
+    cfg = load_config(CI, [f"run.dir={tmp_path}", "pretrain.epochs=3"])
+    stage = Path(pretrain.run(cfg)["dir"])
+    done = [r for r in records(stage) if "epoch" in r]
+    assert [r["epoch"] for r in done] == [0, 1, 2]
+    assert len({r["images"] for r in done}) == 1 and done[0]["images"] > 0
