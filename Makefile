@@ -24,6 +24,8 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/synth_colour.py
 
 lint: install
 	$(BIN)/ruff check drray jobs tests bench
