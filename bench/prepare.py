@@ -102,7 +102,7 @@ def main() -> None:
 `python bench/prepare.py --n {args.n} --cpus {args.cpus}` on {machine()}, {time.strftime('%Y-%m-%d')}.
 {args.n} synthetic EyePACS-sized JPEGs (3888x2592, {mean_mb:.2f} MB on average) -> 299 px, JPEG q95 output.
 
-| | images/s | images/s per core | per-core ratio | peak memory (process tree) |
+| | images/s | images/s per core | per-core ratio | peak memory (process tree, PSS) |
 |---|---|---|---|---|
 | plain loop: full decode + crop + resize (1 process) | {base_rate:.1f} | {base_rate:.1f} | 1.0x | {base_rss / mib:.0f} MiB |
 | drray's preprocessing (reduced-size decode), same loop, 1 process, no Ray | {loop_rate:.1f} | {loop_rate:.1f} | {loop_rate / base_rate:.1f}x | {loop_rss / mib:.0f} MiB |

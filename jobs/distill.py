@@ -44,8 +44,8 @@ def output_dir(cfg: Config, manifest: dict) -> Path:
 def join_pseudolabels(path: Path, pool: list[str], targets: str) -> tuple[dict[str, float], dict]:
     """Targets for the pool images from the pseudo-label table, and the counts of the join."""
     if not path.is_file():
-        raise FileNotFoundError(f"pseudo-labels {path} not found: run `drray run pseudolabel` first "
-                                f"or set distill.pseudolabels")
+        raise FileNotFoundError(f"pseudo-labels {path} not found: write them there (Parquet image_id, prob, "
+                                f"label) or point distill.pseudolabels at them")
     table = pq.read_table(path, columns=["image_id", "prob", "label"]).to_pylist()
     column = "label" if targets == "hard" else "prob"
     labels = {r["image_id"]: float(r[column]) for r in table}
@@ -81,7 +81,7 @@ def run(cfg: Config) -> dict:
         name="distill", out_dir=str(out),
         spec=ModelSpec("classifier", d.backbone, size, d.init, d.weights, dropout=d.dropout),
         step="classify", epochs=d.epochs, batch_size=common.per_worker_batch(d.batch_size, d.scaling, "distill"),
-        steps_per_epoch=common.steps_per_epoch(len(targets), d.batch_size), optim=common.optim_dict(d.optim),
+        steps_per_epoch=common.steps_per_epoch(len(targets), d.batch_size), optim=common.to_dict(d.optim),
         precision=d.scaling.precision, channels_last=d.scaling.channels_last,
         checkpoint_every=d.checkpoint_every, seed=cfg.run.seed,
         epochs_per_pass=common.epochs_per_pass(d.epochs),

@@ -76,7 +76,7 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
         name=name, out_dir=str(out), spec=spec, step="classify", epochs=section.epochs,
         batch_size=common.per_worker_batch(section.batch_size, section.scaling, section_name),
         steps_per_epoch=common.steps_per_epoch(len(subset.labeled), section.batch_size),
-        optim=common.optim_dict(section.optim), precision=section.scaling.precision,
+        optim=common.to_dict(section.optim), precision=section.scaling.precision,
         channels_last=section.scaling.channels_last,
         init_model=str(start) if whole_model else None,
         init_backbone=str(start) if start is not None and not whole_model else None,

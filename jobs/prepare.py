@@ -13,7 +13,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from drray.artifacts import atomic_write_json, write_resolved_config
+from drray.artifacts import atomic_write_json, sha256_file, write_resolved_config
 from drray.config import Config, DatasetConfig, run_dir
 from drray.data.prepare import PrepareParams
 from drray.data.shards import PreparedDataError, read_manifest
@@ -36,7 +36,8 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
     times, label contents) with the same parameters is kept as it is.
     """
     report = collect_inputs(source, images, labels)
-    split_rule = {"partition": partition, "test_fraction": test_fraction, "seed": seed}
+    split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
+                  "test_fraction": test_fraction, "seed": seed}
     fingerprint = hashlib.sha256(f"{report.fingerprint}{split_rule}".encode()).hexdigest()
     if reuse_current:
         current = _current_manifest(out, params, fingerprint)

@@ -38,7 +38,7 @@ def run(cfg: Config) -> dict:
         name="pretrain", out_dir=str(out),
         spec=ModelSpec("simclr", p.backbone, size, p.init, p.weights, p.proj_hidden, p.proj_out),
         step="simclr", epochs=p.epochs, batch_size=common.per_worker_batch(p.batch_size, p.scaling, "pretrain"),
-        steps_per_epoch=common.steps_per_epoch(n_pool, p.batch_size), optim=common.optim_dict(p.optim),
+        steps_per_epoch=common.steps_per_epoch(n_pool, p.batch_size), optim=common.to_dict(p.optim),
         precision=p.scaling.precision, channels_last=p.scaling.channels_last, temperature=p.temperature,
         gather=p.gather_negatives, checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
         epochs_per_pass=common.epochs_per_pass(p.epochs),

@@ -105,3 +105,8 @@ def test_resolved_config_round_trips():
     cfg = load_config(REPO / "configs" / "paper.yaml")
     again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg
+
+
+def test_wrong_type_for_an_optional_field_is_a_config_error():
+    with pytest.raises(ConfigError, match="labels.fraction"):
+        load_config(REPO / "configs" / "ci.yaml", ["labels.fraction=abc"])

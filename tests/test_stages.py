@@ -145,3 +145,15 @@ def test_epochs_span_several_pipeline_passes(tmp_path, ray_session, monkeypatch)
     done = [r for r in records(stage) if "epoch" in r]
     assert [r["epoch"] for r in done] == [0, 1, 2]
     assert len({r["images"] for r in done}) == 1 and done[0]["images"] > 0
+
+
+def test_forget_after_drops_epochs_that_will_be_trained_again(tmp_path):
+    from drray.distributed.train import _forget_after
+
+    lines = [{"epoch": 0}, {"event": "resumed", "epochs_done": 1}, {"epoch": 1}, {"epoch": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "meta.json").write_text(json.dumps({"epoch": 2, "metrics": {"val_auc": 0.9}}))
+    _forget_after(tmp_path, 1)
+    assert records(tmp_path) == lines[:2]
+    assert not (tmp_path / "best").exists()

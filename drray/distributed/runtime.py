@@ -41,9 +41,3 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def cluster_cpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1))

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drray.artifacts import atomic_directory, atomic_write_json
+from drray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
 from drray.engine.checkpoint import load_training_state, save_checkpoint
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
@@ -98,18 +99,24 @@ def train_worker(config: dict) -> dict:
     dtype = resolve_precision(run.precision, device)
     scaler = make_scaler(device, dtype)
 
-    start = 0
+    start, metrics = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        single = ctx.get_world_size() == 1
         with checkpoint.as_directory() as d:
-            start = load_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler) + 1
+            done, metrics = load_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                scaler=scaler, restore_rng=single)
+        start = done + 1
+        if not single:
+            torch.manual_seed(run.seed * 1000 + rank + 7919 * start)
+            np.random.seed(run.seed * 1000 + rank + 7919 * start)
         if rank == 0:
+            _forget_after(out, start)
             _append_metrics(out, {"event": "resumed", "epochs_done": start, "time": time.time()})
             log.info("%s: resumed after epoch %d (its checkpoint)", run.name, start)
 
     step = simclr_step(run.temperature, run.gather) if run.step == "simclr" else classify_step
     train_shard = ray.train.get_dataset_shard("train")
-    metrics: dict = {}
     stream = None
     for epoch in range(start, run.epochs):
         if stream is None or (epoch - start) % run.epochs_per_pass == 0:
@@ -196,6 +203,19 @@ def _finish(run: StageRun, model, metrics: dict) -> None:
         save_checkpoint(tmp, model=model, spec=run.spec, epoch=metrics.get("epoch", run.epochs - 1), metrics=metrics)
 
 
+def _forget_after(out: Path, start: int) -> None:
+    """On resume, forget what epochs after the checkpoint wrote (they are trained again): their
+    metrics lines and a best model chosen among them."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if json.loads(line).get("epoch", -1) < start]
+        atomic_write_text(path, "".join(kept))
+    best = out / "best" / "meta.json"
+    if best.is_file() and json.loads(best.read_text())["epoch"] >= start:
+        shutil.rmtree(out / "best")
+
+
 def _append_metrics(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as f:
@@ -264,6 +284,7 @@ class _EpochPrinter:
         self.path, self.name, self.epochs, self.interval = path, name, epochs, interval
         self._stop = threading.Event()
         self._offset = path.stat().st_size if path.exists() else 0
+        self._seen: set[str] = set()  # lines already shown (a resume may rewrite the file)
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
     def __enter__(self):
@@ -283,12 +304,21 @@ class _EpochPrinter:
     def _print_new(self) -> None:
         if not self.path.exists():
             return
+        if self.path.stat().st_size < self._offset:  # rewritten on resume: read it again
+            self._offset = 0
         with open(self.path) as f:
             f.seek(self._offset)
-            lines = f.readlines()
-            self._offset = f.tell()
-        for line in lines:
-            record = json.loads(line)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for next time
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            if line in self._seen:
+                continue
+            self._seen.add(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if record.get("event") == "resumed":
                 text = f"resumed from the checkpoint after epoch {record['epochs_done']}"
             else:

@@ -23,7 +23,8 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this device's generator only: another allocation may have fewer GPUs per node
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
     }
@@ -31,8 +32,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     *internal, version, gauss = state["python"]
@@ -57,8 +58,12 @@ def save_checkpoint(directory: str | Path, *, model, spec: ModelSpec, epoch: int
     return directory
 
 
-def load_training_state(directory: str | Path, *, model, optimizer, scheduler, scaler) -> int:
-    """Restore everything a resumed run needs; return the epoch that was completed."""
+def load_training_state(directory: str | Path, *, model, optimizer, scheduler, scaler,
+                        restore_rng: bool = True) -> tuple[int, dict]:
+    """Restore everything a resumed run needs; return the completed epoch and its metrics.
+
+    ``restore_rng=False`` for multi-process runs: the saved state is rank 0's, and every rank
+    must keep drawing its own random numbers (the caller reseeds them)."""
     directory = Path(directory)
     from drray.models.checkpoints import load_strict
 
@@ -70,8 +75,9 @@ def load_training_state(directory: str | Path, *, model, optimizer, scheduler, s
         scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return int(state["epoch"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return int(state["epoch"]), read_meta(directory).get("metrics", {})
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -31,7 +31,10 @@ class LARS(torch.optim.Optimizer):
                     trust = torch.where((p_norm > 0) & (g_norm > 0),
                                         group["trust_coefficient"] * p_norm / g_norm, torch.ones_like(p_norm))
                     grad = grad.mul(trust)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(grad)
                 p.add_(buf, alpha=-group["lr"])
         return loss

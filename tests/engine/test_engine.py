@@ -83,8 +83,8 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
     other = spec.build()
     opt2 = build_optimizer(other.parameters(), "adam", 1e-3)
     sched2 = build_scheduler(opt2, 10, 2, "cosine")
-    epoch = load_training_state(tmp_path, model=other, optimizer=opt2, scheduler=sched2, scaler=scaler)
-    assert epoch == 7
+    epoch, metrics = load_training_state(tmp_path, model=other, optimizer=opt2, scheduler=sched2, scaler=scaler)
+    assert epoch == 7 and metrics == {"loss": 1.0}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
     assert sched2.last_epoch == sched.last_epoch
     assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
