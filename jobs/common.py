@@ -17,7 +17,7 @@ from drray.config import Config, ScalingConfig, run_dir, to_dict
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
-from drray.distributed.train import Scaling
+from drray.distributed.train import Scaling, StageRun, fit_stage
 from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,24 @@ def scaling_of(cfg: Config, scaling: ScalingConfig, keep_checkpoints: int) -> Sc
 
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, n_rows // global_batch)
+
+
+def stage_run(cfg: Config, section, section_name: str, *, name: str, out: Path, spec, step: str,
+              n_rows: int, **extra) -> StageRun:
+    """A stage's StageRun from its config section (epochs, batch_size, optim, scaling,
+    checkpoint_every): what every training stage sets the same way."""
+    return StageRun(
+        name=name, out_dir=str(out), spec=spec, step=step, epochs=section.epochs,
+        batch_size=per_worker_batch(section.batch_size, section.scaling, section_name),
+        steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=to_dict(section.optim),
+        precision=section.scaling.precision, channels_last=section.scaling.channels_last,
+        checkpoint_every=section.checkpoint_every, seed=cfg.run.seed,
+        epochs_per_pass=epochs_per_pass(section.epochs), **extra,
+    )
+
+
+def fit(cfg: Config, section, run: StageRun, datasets: dict) -> dict:
+    return fit_stage(run, datasets, scaling_of(cfg, section.scaling, section.keep_checkpoints), storage(cfg))
 
 
 def epochs_per_pass(epochs: int) -> int:

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from drray.artifacts import atomic_write_json, sha256_file, write_resolved_config
 from drray.config import Config
 from drray.distributed.datasets import Selection, stage_dataset
-from drray.distributed.train import StageRun, fit_stage
 from drray.engine.model import ModelSpec
 from jobs import common
 
@@ -77,16 +76,11 @@ def run(cfg: Config) -> dict:
         raise ValueError("distill: no pool image has a pseudo-label")
     write_resolved_config(out, cfg)
     size = cfg.data.size
-    run_spec = StageRun(
-        name="distill", out_dir=str(out),
+    run_spec = common.stage_run(
+        cfg, d, "distill", name="distill", out=out, step="classify", n_rows=len(targets),
         spec=ModelSpec("classifier", d.backbone, size, d.init, d.weights, dropout=d.dropout),
-        step="classify", epochs=d.epochs, batch_size=common.per_worker_batch(d.batch_size, d.scaling, "distill"),
-        steps_per_epoch=common.steps_per_epoch(len(targets), d.batch_size), optim=common.to_dict(d.optim),
-        precision=d.scaling.precision, channels_last=d.scaling.channels_last,
-        checkpoint_every=d.checkpoint_every, seed=cfg.run.seed,
-        epochs_per_pass=common.epochs_per_pass(d.epochs),
     )
     selection = Selection(cfg.data.eyepacs.prepared, "train", size, split="train", targets=targets, jitter=d.jitter)
     datasets = {"train": stage_dataset(selection, run_spec.batch_size, epochs_per_pass=run_spec.epochs_per_pass)}
-    metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, d.scaling, d.keep_checkpoints), common.storage(cfg))
+    metrics = common.fit(cfg, d, run_spec, datasets)
     return {"stage": "distill", "dir": str(out), "metrics": metrics, "pseudolabel_join": counts}

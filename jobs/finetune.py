@@ -13,7 +13,6 @@ from pathlib import Path
 from drray.artifacts import atomic_write_json, write_resolved_config
 from drray.config import Config, FinetuneConfig
 from drray.distributed.datasets import Selection, stage_dataset
-from drray.distributed.train import StageRun, fit_stage
 from drray.engine.checkpoint import read_meta
 from drray.engine.model import ModelSpec
 from jobs import common
@@ -72,16 +71,11 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
     write_resolved_config(out, cfg)
     subset = common.labeled_subset(cfg)
     atomic_write_json(out / "subset.json", {"labeled": sorted(subset.labeled), "validation": sorted(subset.validation)})
-    run_spec = StageRun(
-        name=name, out_dir=str(out), spec=spec, step="classify", epochs=section.epochs,
-        batch_size=common.per_worker_batch(section.batch_size, section.scaling, section_name),
-        steps_per_epoch=common.steps_per_epoch(len(subset.labeled), section.batch_size),
-        optim=common.to_dict(section.optim), precision=section.scaling.precision,
-        channels_last=section.scaling.channels_last,
+    run_spec = common.stage_run(
+        cfg, section, section_name, name=name, out=out, spec=spec, step="classify", n_rows=len(subset.labeled),
         init_model=str(start) if whole_model else None,
         init_backbone=str(start) if start is not None and not whole_model else None,
-        validate=bool(subset.validation), checkpoint_every=section.checkpoint_every, seed=cfg.run.seed,
-        epochs_per_pass=common.epochs_per_pass(section.epochs),
+        validate=bool(subset.validation),
     )
     prepared = cfg.data.eyepacs.prepared
     datasets = {
@@ -90,8 +84,7 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
         "val": stage_dataset(Selection(prepared, "eval", size, split="train", targets=subset.validation),
                              256),
     }
-    metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, section.scaling, section.keep_checkpoints),
-                        common.storage(cfg))
+    metrics = common.fit(cfg, section, run_spec, datasets)
     return {"stage": name, "dir": str(out), "metrics": metrics}
 
 

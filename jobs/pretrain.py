@@ -8,7 +8,6 @@ from drray.artifacts import write_resolved_config
 from drray.config import Config
 from drray.data.transforms import AugmentSpec
 from drray.distributed.datasets import Selection, stage_dataset
-from drray.distributed.train import StageRun, fit_stage
 from drray.engine.model import ModelSpec
 from jobs import common
 
@@ -34,15 +33,11 @@ def run(cfg: Config) -> dict:
     augment = AugmentSpec(size=size, **common.to_dict(p.augment))
     n_pool = len(common.pool_ids(cfg))
     selection = Selection(cfg.data.eyepacs.prepared, "simclr", size, split="train", augment=augment)
-    run_spec = StageRun(
-        name="pretrain", out_dir=str(out),
+    run_spec = common.stage_run(
+        cfg, p, "pretrain", name="pretrain", out=out, step="simclr", n_rows=n_pool,
         spec=ModelSpec("simclr", p.backbone, size, p.init, p.weights, p.proj_hidden, p.proj_out),
-        step="simclr", epochs=p.epochs, batch_size=common.per_worker_batch(p.batch_size, p.scaling, "pretrain"),
-        steps_per_epoch=common.steps_per_epoch(n_pool, p.batch_size), optim=common.to_dict(p.optim),
-        precision=p.scaling.precision, channels_last=p.scaling.channels_last, temperature=p.temperature,
-        gather=p.gather_negatives, checkpoint_every=p.checkpoint_every, seed=cfg.run.seed,
-        epochs_per_pass=common.epochs_per_pass(p.epochs),
+        temperature=p.temperature, gather=p.gather_negatives,
     )
     datasets = {"train": stage_dataset(selection, run_spec.batch_size, epochs_per_pass=run_spec.epochs_per_pass)}
-    metrics = fit_stage(run_spec, datasets, common.scaling_of(cfg, p.scaling, p.keep_checkpoints), common.storage(cfg))
+    metrics = common.fit(cfg, p, run_spec, datasets)
     return {"stage": "pretrain", "dir": str(out), "metrics": metrics}
