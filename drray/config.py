@@ -161,10 +161,34 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class PseudolabelConfig:
-    threshold: float = 0.5
-    batch_size: int = 64
-    concurrency: int = 1  # inference actors (one per GPU when GPUs are present)
+class InferenceConfig:
+    """Batch inference with Ray Data (pseudo-labels, evaluation): actors that hold the model."""
+
+    batch_size: int = 128
+    concurrency: int = 1  # model actors: one per GPU with use_gpu, CPU actors otherwise
+    cpus_per_actor: int = 1  # also the actor's torch threads; leave CPUs for the decode tasks
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+
+
+@dataclass(frozen=True)
+class PseudolabelConfig(InferenceConfig):
+    """Between stages 2 and 3: the teacher labels the unlabeled pool (written to
+    distill.pseudolabels, by default ``<teacher dir>/pseudolabels.parquet``)."""
+
+    threshold: float = 0.5  # prob >= threshold -> label 1
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(InferenceConfig):
+    """Test-set evaluation of the final models: AUC with bootstrap CIs, operating points, DeLong."""
+
+    models: tuple[str, ...] = ()  # "name=checkpoint dir" or a dir; empty: every model in RUN/models
+    bootstrap: int = 2000  # resamples for the 95% AUC confidence interval
+    seed: int = 0
+    sensitivities: tuple[float, ...] = (0.9, 0.95)  # operating points chosen on validation data
+    operating_sensitivity: float = 0.9  # the one stored with each model for `drray predict`
+    tsne_images: int = 1000  # images per t-SNE panel (a seeded sample of the EyePACS test split)
 
 
 @dataclass(frozen=True)
@@ -196,6 +220,9 @@ class Config:
     pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     student_finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="distill"))
+    # The supervised baseline: the same labels, no pretraining, no pseudo-labels.
+    supervised: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="none"))
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Where the config came from; not a YAML key. Relative paths in the file are relative
     # to the current directory (the repo root for the shipped configs), like any CLI path.
     source_file: str = field(default="", compare=False, metadata={"internal": True})

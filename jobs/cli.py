@@ -18,6 +18,7 @@ JOBS = {
     "prepare": ("jobs.prepare:run", "synthesise (where configured) and prepare every data set the config names"),
     "pretrain": ("jobs.pretrain:run", "stage 1: SimCLR pretraining on the unlabeled train pool (Ray Train)"),
     "finetune": ("jobs.finetune:run", "stage 2: fine-tune from finetune.start_from (the teacher, by default)"),
+    "pseudolabel": ("jobs.pseudolabel:run", "between stages 2 and 3: the teacher labels the unlabeled pool (Ray Data)"),
     "distill": ("jobs.distill:run", "stage 3: train the student on the teacher's pseudo-labels"),
     "student-finetune": ("jobs.finetune:run_student", "stage 4: fine-tune the distilled student on the labels"),
 }

@@ -120,6 +120,12 @@ def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> in
     return global_batch // scaling.num_workers
 
 
+def final_model(out: Path) -> Path:
+    """A stage's model: the best by validation AUC where the stage validated, else the last."""
+    best = out / "best"
+    return best if (best / "model.pt").is_file() else out / "model"
+
+
 def finished(out: Path, stage: str) -> dict | None:
     """What a stage that already completed in ``out`` returned (then it is skipped), else None:
     the same keys as a fresh run's result."""

@@ -17,21 +17,13 @@ from drray.artifacts import atomic_write_json, sha256_file, write_resolved_confi
 from drray.config import Config
 from drray.distributed.datasets import Selection, stage_dataset
 from drray.engine.model import ModelSpec
-from jobs import common
+from jobs import common, pseudolabel
 
 log = logging.getLogger(__name__)
 
 
-def pseudolabel_path(cfg: Config, manifest: dict) -> Path:
-    if cfg.distill.pseudolabels:
-        return Path(cfg.distill.pseudolabels)
-    from jobs import finetune
-
-    return finetune.output_dir(cfg, "finetune", manifest) / "pseudolabels.parquet"
-
-
 def stage_key(cfg: Config, manifest: dict) -> str:
-    labels = pseudolabel_path(cfg, manifest)
+    labels = pseudolabel.output_path(cfg, manifest)
     labels_hash = sha256_file(labels) if labels.is_file() else "missing"
     return common.key_of("distill", cfg.distill, cfg.data.size, labels_hash, common.data_key(cfg, manifest))
 
@@ -43,8 +35,8 @@ def output_dir(cfg: Config, manifest: dict) -> Path:
 def join_pseudolabels(path: Path, pool: list[str], targets: str) -> tuple[dict[str, float], dict]:
     """Targets for the pool images from the pseudo-label table, and the counts of the join."""
     if not path.is_file():
-        raise FileNotFoundError(f"pseudo-labels {path} not found: write them there (Parquet image_id, prob, "
-                                f"label) or point distill.pseudolabels at them")
+        raise FileNotFoundError(f"pseudo-labels {path} not found: run `drray run pseudolabel` with the same "
+                                f"config, or point distill.pseudolabels at a Parquet table (image_id, prob, label)")
     table = pq.read_table(path, columns=["image_id", "prob", "label"]).to_pylist()
     column = "label" if targets == "hard" else "prob"
     labels = {r["image_id"]: float(r[column]) for r in table}
@@ -66,7 +58,7 @@ def run(cfg: Config) -> dict:
     out = output_dir(cfg, manifest)
     if done := common.finished(out, "distill"):
         return done
-    targets, counts = join_pseudolabels(pseudolabel_path(cfg, manifest), common.pool_ids(cfg), d.targets)
+    targets, counts = join_pseudolabels(pseudolabel.output_path(cfg, manifest), common.pool_ids(cfg), d.targets)
     atomic_write_json(out / "pseudolabel_join.json", counts)
     if counts["pool_without_pseudolabel"] or counts["pseudolabel_without_image"]:
         log.warning("distill: %d pool images have no pseudo-label, %d pseudo-labels match no pool image "

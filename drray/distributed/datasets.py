@@ -77,9 +77,11 @@ def repeat(ds, times: int):
     return ds.union(*[ds] * (times - 1)) if times > 1 else ds
 
 
-def _read_selected(paths: list[str], selection: Selection):
+def read_selected(selection: Selection):
+    """The selection's rows (image_id, image bytes, target) of its prepared shards."""
     import ray
 
+    paths = [str(p) for p in shard_paths(selection.prepared)]
     ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
     return ds.map_batches(select_rows, fn_kwargs={"selection": selection}, batch_size=256,
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
@@ -91,12 +93,11 @@ def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = Fa
     with new augmentations. Blocks of the worker's ``batch_size`` let the worker take batches
     as they come instead of re-assembling them from smaller blocks.
     """
-    paths = [str(p) for p in shard_paths(selection.prepared)]
     # The selected rows' encoded images are read once and kept in Ray's object store (spilled
     # to disk when larger than it): reading again every epoch costs more than it saves. Shuffle
     # the encoded rows, not decoded tensors: a small selection fully for every epoch, a pool by
     # blocks (~250 rows) in a new random order for every epoch.
-    ds = _read_selected(paths, selection).materialize()
+    ds = read_selected(selection).materialize()
     ds = repeat(ds.random_shuffle() if full_shuffle else ds.randomize_block_order(), epochs_per_pass)
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)

@@ -90,15 +90,26 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
 
 
 @torch.no_grad()
+def predict_batch(model: torch.nn.Module, images, *, device: torch.device, dtype: torch.dtype | None,
+                  channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid probabilities (B,) and penultimate features (B, D) of a one-logit classifier
+    for a batch of uint8 NCHW images; the model must be in eval mode."""
+    x = to_device({"image": images}, device, channels_last)["image"]
+    with autocast(device, dtype):
+        features = model.features(x)
+        logits = model.head(features)
+    return torch.sigmoid(logits.float()).cpu().numpy(), features.float().cpu().numpy()
+
+
+@torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], *, device: torch.device,
             dtype: torch.dtype | None, channels_last: bool = False) -> tuple[list[str], np.ndarray]:
     """Sigmoid probabilities of a one-logit classifier, with the batches' image ids."""
     model.eval()
     ids, probs = [], []
     for batch in batches:
-        batch = to_device(batch, device, channels_last)
-        with autocast(device, dtype):
-            logits = model(batch["image"])
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        batch_probs, _ = predict_batch(model, batch["image"], device=device, dtype=dtype,
+                                       channels_last=channels_last)
+        probs.append(batch_probs)
         ids.extend(str(i) for i in batch["image_id"])
     return ids, (np.concatenate(probs) if probs else np.zeros(0, np.float32))

@@ -1,0 +1,135 @@
+"""Between stages 2 and 3, ``drray run pseudolabel``: the teacher labels every image of the
+unlabeled pool, as a Ray Data batch-inference job.
+
+Output (``distill.pseudolabels``, by default ``<teacher dir>/pseudolabels.parquet``): one row per
+pool image, ``image_id`` (string), ``prob`` (float32), ``label`` (int8, prob >= threshold), and
+file metadata (key ``drray``) naming the teacher checkpoint and its hash, the pool and its
+preprocessing, and the threshold. The table is written aside and renamed into place when every
+pool image has its row: a killed job leaves no table that distillation would trust. A rerun with
+the same teacher, pool and threshold is skipped; anything else is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import drray
+from drray.artifacts import clean_stale_temporaries, sha256_file
+from drray.config import Config
+from drray.distributed.datasets import Selection
+from drray.distributed.inference import Inference, check_resources, predictions, prob_column
+from drray.progress import Progress
+from jobs import common
+
+log = logging.getLogger(__name__)
+SCHEMA = pa.schema([("image_id", pa.string()), ("prob", pa.float32()), ("label", pa.int8())])
+METADATA_KEY = b"drray"
+
+
+def output_path(cfg: Config, manifest: dict) -> Path:
+    if cfg.distill.pseudolabels:
+        return Path(cfg.distill.pseudolabels)
+    from jobs import finetune
+
+    return finetune.output_dir(cfg, "finetune", manifest) / "pseudolabels.parquet"
+
+
+def teacher_checkpoint(cfg: Config, manifest: dict) -> Path:
+    from jobs import finetune
+
+    teacher_dir = finetune.output_dir(cfg, "finetune", manifest)
+    if not (teacher_dir / "done.json").is_file():
+        raise FileNotFoundError(f"pseudolabel: no finished teacher in {teacher_dir}; run `drray run finetune` "
+                                f"with the same config first")
+    return common.final_model(teacher_dir)
+
+
+def provenance(cfg: Config, manifest: dict, teacher: Path) -> dict:
+    """What the table was made from: a table whose provenance differs is redone."""
+    return {
+        "teacher": str(teacher), "teacher_sha256": sha256_file(teacher / "model.pt"),
+        "pool": str(Path(cfg.data.eyepacs.prepared).resolve()), "pool_split": "train",
+        "pool_content_hash": manifest["content_hash"], "preprocessing": manifest["params"],
+        "threshold": cfg.pseudolabel.threshold,
+    }
+
+
+def read_provenance(path: Path) -> dict | None:
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+
+
+def _is_current(path: Path, expected: dict) -> bool:
+    if not path.is_file():
+        return False
+    found = read_provenance(path) or {}
+    return {k: found.get(k) for k in expected} == expected
+
+
+def run(cfg: Config) -> dict:
+    manifest = common.prepared_eyepacs(cfg)
+    teacher = teacher_checkpoint(cfg, manifest)
+    out = output_path(cfg, manifest)
+    expected = provenance(cfg, manifest, teacher)
+    pool = common.pool_ids(cfg)
+    if _is_current(out, expected):
+        log.info("pseudolabel: %s is complete for this teacher and pool, skipped", out)
+        return {"stage": "pseudolabel", "path": str(out), "skipped": True, **_summary(out)}
+    inference = Inference.of(cfg.pseudolabel)
+    check_resources(inference, "pseudolabel")
+    clean_stale_temporaries(out)
+    started = time.monotonic()
+    written = _write(out, cfg, expected, pool, inference)
+    seconds = time.monotonic() - started
+    log.info("pseudolabel: %d images in %.1f s -> %s", written, seconds, out)
+    return {"stage": "pseudolabel", "path": str(out), "skipped": False, **_summary(out),
+            "seconds": round(seconds, 2), "images_per_s": round(written / max(seconds, 1e-9), 1)}
+
+
+def _write(out: Path, cfg: Config, provenance_: dict, pool: list[str], inference: Inference) -> int:
+    """Stream predictions into a temporary table; rename it into place when it is complete."""
+    selection = Selection(cfg.data.eyepacs.prepared, "eval", cfg.data.size, split="train")
+    ds = predictions({None: selection}, {"teacher": provenance_["teacher"]}, inference)
+    metadata = {METADATA_KEY: json.dumps({**provenance_, "drray_version": drray.__version__,
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    seen: set[str] = set()
+    progress = Progress("pseudolabel")
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA.with_metadata(metadata)) as writer:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                probs = batch[prob_column("teacher")].astype(np.float32)
+                ids = [str(i) for i in batch["image_id"]]
+                seen.update(ids)
+                labels = (probs >= cfg.pseudolabel.threshold).astype(np.int8)
+                writer.write_table(pa.table({"image_id": ids, "prob": probs, "label": labels}, schema=SCHEMA))
+                progress(len(seen), len(pool))
+        _check_complete(tmp, seen, pool)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(seen)
+
+
+def _check_complete(tmp: Path, seen: set[str], pool: list[str]) -> None:
+    rows = pq.read_metadata(tmp).num_rows
+    missing = set(pool) - seen
+    if rows != len(seen) or missing or len(seen) != len(pool):
+        raise RuntimeError(f"pseudolabel: {rows} rows for {len(pool)} pool images ({len(missing)} missing, "
+                           f"{rows - len(seen)} duplicated); the table was not written")
+
+
+def _summary(path: Path) -> dict:
+    table = pq.read_table(path, columns=["label"])
+    labels = table.column("label").to_numpy()
+    return {"images": len(labels), "positives": int(labels.sum()),
+            "teacher": (read_provenance(path) or {}).get("teacher")}

@@ -1,0 +1,95 @@
+"""`drray run pseudolabel` on real Ray Data (ci scale) with a teacher checkpoint made here
+(training is tested elsewhere): one row per pool image, provenance, skip/redo, a killed job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from drray.artifacts import atomic_write_json
+from drray.config import load_config
+from drray.data.transforms import iter_eval_batches
+from drray.engine.checkpoint import load_model, save_checkpoint
+from drray.engine.loop import predict
+from drray.engine.model import ModelSpec
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray
+CI = REPO / "configs" / "ci.yaml"
+
+
+def make_teacher(cfg, seed: int) -> Path:
+    """A finished teacher stage with random weights (seeded) where the pipeline expects it."""
+    from jobs import common, finetune
+
+    manifest = common.prepared_eyepacs(cfg)
+    out = finetune.output_dir(cfg, "finetune", manifest)
+    spec = ModelSpec("classifier", "resnet18", cfg.data.size)
+    torch.manual_seed(seed)
+    save_checkpoint(out / "model", model=spec.build(), spec=spec, epoch=0, metrics={})
+    atomic_write_json(out / "done.json", {"stage": "teacher", "metrics": {}})
+    return out
+
+
+@pytest.fixture()
+def cfg(tmp_path, ray_session):
+    return load_config(CI, [f"run.dir={tmp_path}", "pseudolabel.precision=fp32", "pseudolabel.batch_size=32"])
+
+
+def test_every_pool_image_gets_one_row_with_provenance(cfg):
+    from jobs import common, pseudolabel
+
+    teacher = make_teacher(cfg, seed=0)
+    result = pseudolabel.run(cfg)
+    table = pq.read_table(result["path"])
+    pool = common.pool_ids(cfg)
+    assert sorted(table.column("image_id").to_pylist()) == sorted(pool)
+    assert table.schema.field("prob").type == "float" and table.schema.field("label").type == "int8"
+    meta = pseudolabel.read_provenance(Path(result["path"]))
+    assert meta["teacher"] == str(teacher / "model") and len(meta["teacher_sha256"]) == 64
+    assert meta["threshold"] == 0.5 and meta["preprocessing"]["size"] == cfg.data.size
+    assert meta["pool_content_hash"] == common.prepared_eyepacs(cfg)["content_hash"]
+    # the same numbers as the teacher in a plain loop; labels are the thresholded probabilities
+    model, _ = load_model(teacher / "model")
+    ids, probs = predict(model, iter_eval_batches(cfg.data.eyepacs.prepared, split="train"),
+                         device=torch.device("cpu"), dtype=None)
+    got = dict(zip(table.column("image_id").to_pylist(), table.column("prob").to_numpy(), strict=True))
+    np.testing.assert_allclose([got[i] for i in ids], probs, atol=1e-5)
+    assert (table.column("label").to_numpy() == (table.column("prob").to_numpy() >= 0.5)).all()
+
+    # same teacher: skipped; another teacher: redone
+    assert pseudolabel.run(cfg)["skipped"] is True
+    make_teacher(cfg, seed=1)
+    again = pseudolabel.run(cfg)
+    assert again["skipped"] is False
+    assert pseudolabel.read_provenance(Path(again["path"]))["teacher_sha256"] != meta["teacher_sha256"]
+
+
+def test_killed_job_leaves_no_table_and_rerun_completes(cfg, tmp_path):
+    from jobs import common, pseudolabel
+
+    make_teacher(cfg, seed=0)
+    out = pseudolabel.output_path(cfg, common.prepared_eyepacs(cfg))
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "pseudolabel", "--config", str(CI),
+           "--set", f"run.dir={tmp_path}", "--set", "pseudolabel.batch_size=8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.parent.glob(f".{out.name}.tmp-*")):
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed job left a table that distillation would trust"
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert pq.read_metadata(out).num_rows == len(common.pool_ids(cfg))
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "the stale temporary was not cleaned"
+    assert json.loads(again.stdout)["skipped"] is False
