@@ -20,7 +20,7 @@ test: install
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/drray run prepare --config configs/demo.yaml
+	$(BIN)/drray run pipeline --config configs/demo.yaml
 
 bench: install
 	$(BIN)/python bench/prepare.py

@@ -21,6 +21,9 @@ JOBS = {
     "pseudolabel": ("jobs.pseudolabel:run", "between stages 2 and 3: the teacher labels the unlabeled pool (Ray Data)"),
     "distill": ("jobs.distill:run", "stage 3: train the student on the teacher's pseudo-labels"),
     "student-finetune": ("jobs.finetune:run_student", "stage 4: fine-tune the distilled student on the labels"),
+    "supervised": ("jobs.finetune:run_supervised", "baseline: train on the labeled subset alone (no pretraining)"),
+    "evaluate": ("jobs.evaluate:run", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots"),
+    "pipeline": ("jobs.pipeline:run", "every stage above, then evaluate and RUN/report.md (finished stages skipped)"),
 }
 
 EXAMPLES = """
@@ -154,6 +157,19 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
             click.echo(format_summary(counts, counts["prepared_dir"]))
     else:
         click.echo(json.dumps(result, indent=2, default=str))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def report(run_dir: Path) -> None:
+    """Rebuild RUN_DIR/report.md and report.html from what the pipeline wrote (reruns nothing)."""
+    from jobs.report import build
+
+    try:
+        result = build(run_dir)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {result['path']} and {result['html']}")
 
 
 run.help = (run.help or "") + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in sorted(JOBS.items()))

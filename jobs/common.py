@@ -131,9 +131,32 @@ def finished(out: Path, stage: str) -> dict | None:
     the same keys as a fresh run's result."""
     if (out / "done.json").is_file() and (out / "model" / "model.pt").is_file():
         log.info("%s: complete in %s, skipped", stage, out)
-        result = {"stage": stage, "dir": str(out), "metrics": json.loads((out / "done.json").read_text())["metrics"]}
+        result = {"stage": stage, "dir": str(out), "skipped": True,
+                  "metrics": json.loads((out / "done.json").read_text())["metrics"]}
         join = out / "pseudolabel_join.json"
         if join.is_file():
             result["pseudolabel_join"] = json.loads(join.read_text())
         return result
     return None
+
+
+def publish_model(cfg: Config, name: str, stage_out: Path, manifest: dict) -> Path:
+    """``RUN/models/<name>``: the stage's final model (weights hard-linked, not copied, where the
+    file system allows) with its preprocessing, for ``drray predict`` and ``drray run evaluate``."""
+    import os
+    import shutil
+
+    from drray.artifacts import atomic_directory
+    from drray.engine.checkpoint import read_meta
+
+    source = final_model(stage_out)
+    meta = read_meta(source)
+    meta.update(source=str(source), preprocessing=manifest["params"], positive=cfg.data.positive)
+    final = run_dir(cfg) / "models" / name
+    with atomic_directory(final) as tmp:
+        try:
+            os.link(source / "model.pt", tmp / "model.pt")
+        except OSError:
+            shutil.copyfile(source / "model.pt", tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return final

@@ -18,7 +18,7 @@ from drray.engine.model import ModelSpec
 from jobs import common
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {"finetune": "teacher", "student_finetune": "student"}
+STAGE_NAMES = {"finetune": "teacher", "student_finetune": "student", "supervised": "supervised"}
 
 
 def _start_point(cfg: Config, section: FinetuneConfig, manifest: dict) -> tuple[Path | None, str]:
@@ -90,3 +90,7 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
 
 def run_student(cfg: Config) -> dict:
     return run(cfg, "student_finetune")
+
+
+def run_supervised(cfg: Config) -> dict:
+    return run(cfg, "supervised")

@@ -1,0 +1,72 @@
+"""Figures for the evaluation and the report (matplotlib, no display needed): ROC curves per
+test set with every model overlaid, t-SNE panels of penultimate features, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(curves: dict[str, dict], title: str, path: str | Path) -> Path:
+    """``curves``: model -> {"targets", "probs", "auc", "auc_ci"}; one line per model."""
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for model, c in curves.items():
+        fpr, tpr, _ = roc_curve(c["targets"], c["probs"])
+        lo, hi = c["auc_ci"]
+        ax.plot(fpr, tpr, label=f"{model}: AUC {c['auc']:.3f} [{lo:.3f}, {hi:.3f}]")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: str | Path) -> Path:
+    """``panels``: model -> (2-D embedding (n, 2), binary targets (n,)): one panel per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (model, (xy, targets)) in zip(axes[0], panels.items(), strict=True):
+        for value, colour, label in ((0, "tab:blue", "non-referable"), (1, "tab:red", "referable")):
+            chosen = targets == value
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=6, alpha=0.6, c=colour, label=label)
+        ax.set(title=model, xticks=[], yticks=[])
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def training_figure(stages: dict[str, list[dict]], path: str | Path) -> Path:
+    """Loss (and validation AUC where there is one) per epoch of each training stage."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for stage, records in stages.items():
+        epochs = [r["epoch"] + 1 for r in records]
+        axes[0].plot(epochs, [r["loss"] for r in records], marker=".", label=stage)
+        if any(r.get("val_auc") is not None for r in records):
+            axes[1].plot(epochs, [r.get("val_auc") for r in records], marker=".", label=stage)
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="validation AUC", title="validation AUC")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path

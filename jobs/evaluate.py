@@ -1,0 +1,223 @@
+"""``drray run evaluate``: how good is each model, and how sure are we.
+
+Every model (``evaluate.models``, or every model in ``RUN/models``) predicts on the validation
+hold-out, the EyePACS-style test split and the external (Messidor-2-style) set in one Ray Data
+pipeline. Written to ``RUN/evaluate-<key>/`` (and ``RUN/metrics.json``):
+
+    predictions.parquet  image_id, target (int8), prob (float32), model, test_set
+    metrics.json         per model and test set: n, positives, AUC with a 95% bootstrap CI,
+                         sensitivity/specificity at operating points chosen on validation data;
+                         DeLong's test between every two models on the same images
+    roc_<set>.png        ROC curves, every model overlaid
+    tsne.png             t-SNE of penultimate-layer features on the external set (the paper's
+                         Figure 4: Messidor-2), or the EyePACS test split without one
+
+The operating threshold (``evaluate.operating_sensitivity`` on validation) is stored in each
+``RUN/models/<name>/meta.json`` for ``drray predict``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from drray.artifacts import atomic_directory, atomic_write_json, sha256_file
+from drray.config import Config, run_dir
+from drray.data.shards import read_index
+from drray.data.splits import binary_target
+from drray.distributed.datasets import Selection
+from drray.distributed.inference import Inference, check_resources, features_column, predictions, prob_column
+from drray.engine.checkpoint import read_meta
+from drray.metrics import (
+    bootstrap_auc_ci,
+    delong_test,
+    roc_auc,
+    sensitivity_specificity,
+    threshold_at_sensitivity,
+)
+from jobs import common
+from jobs.prepare import ensure_prepared
+
+log = logging.getLogger(__name__)
+VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
+
+
+def models_of(cfg: Config) -> dict[str, Path]:
+    """name -> checkpoint directory: ``evaluate.models`` ("name=dir" or a dir), else RUN/models/*."""
+    if cfg.evaluate.models:
+        chosen = {}
+        for item in cfg.evaluate.models:
+            name, _, path = item.rpartition("=")
+            path = Path(path).resolve()
+            chosen[name or path.name] = path
+    else:
+        root = run_dir(cfg) / "models"
+        chosen = {p.name: p.resolve() for p in sorted(root.glob("*")) if (p / "model.pt").is_file()}
+        if not chosen:
+            raise FileNotFoundError(f"evaluate: no models in {root}: run `drray run pipeline` first, or name "
+                                    f"checkpoints with --set evaluate.models=[teacher=DIR,...]")
+    for name, path in chosen.items():
+        read_meta(path)  # a clear error when it is not a checkpoint directory
+    return chosen
+
+
+def labeled_targets(prepared: str, positive: str, split: str | None) -> dict[str, float]:
+    """image_id -> binary target of the graded images of a prepared set (one split, or all)."""
+    rows = read_index(prepared).to_pylist()
+    return {r["image_id"]: float(binary_target(r["grade"], positive)) for r in rows
+            if r["grade"] is not None and (split is None or r["split"] == split)}
+
+
+def evaluation_sets(cfg: Config) -> dict[str, Selection]:
+    size, positive = cfg.data.size, cfg.data.positive
+    eyepacs = cfg.data.eyepacs.prepared
+    sets = {VALIDATION: Selection(eyepacs, "eval", size, split="train", targets=common.labeled_subset(cfg).validation),
+            EYEPACS_TEST: Selection(eyepacs, "eval", size, split="test",
+                                    targets=labeled_targets(eyepacs, positive, "test"))}
+    if cfg.data.external is not None:
+        ensure_prepared("external", cfg.data.external, cfg)
+        external = cfg.data.external.prepared
+        sets[EXTERNAL] = Selection(external, "eval", size, split=None,
+                                   targets=labeled_targets(external, positive, None))
+    empty = [name for name, sel in sets.items() if not sel.targets]
+    if empty:
+        raise ValueError(f"evaluate: no graded images in {', '.join(empty)}")
+    return sets
+
+
+def stage_key(cfg: Config, models: dict[str, Path], manifest: dict) -> str:
+    external = ensure_prepared("external", cfg.data.external, cfg)["content_hash"] if cfg.data.external else None
+    return common.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
+                         common.data_key(cfg, manifest), external)
+
+
+def run(cfg: Config) -> dict:
+    manifest = common.prepared_eyepacs(cfg)
+    models = models_of(cfg)
+    out = common.stage_dir(cfg, "evaluate", stage_key(cfg, models, manifest))
+    skipped = (out / "metrics.json").is_file()
+    if skipped:
+        log.info("evaluate: complete in %s, skipped", out)
+    else:
+        _evaluate(cfg, models, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    shutil.copyfile(out / "metrics.json", run_dir(cfg) / "metrics.json")
+    _store_operating_points(cfg, models, metrics)
+    return {"stage": "evaluate", "dir": str(out), "skipped": skipped, "results": [
+        {k: r[k] for k in ("model", "test_set", "n", "auc", "auc_ci")} for r in metrics["results"]]}
+
+
+def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
+    inference = Inference.of(cfg.evaluate)
+    check_resources(inference, "evaluate")
+    sets = evaluation_sets(cfg)
+    print(f"[evaluate] {len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()),
+          flush=True)
+    ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=True)
+    columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
+    with atomic_directory(out) as tmp:
+        _write_predictions(columns, models, tmp / "predictions.parquet")
+        metrics = compute_metrics(columns, models, cfg)
+        _figures(columns, models, metrics, cfg, tmp)
+        atomic_write_json(tmp / "metrics.json", metrics)
+
+
+def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:
+    keep = ["image_id", "target", "test_set"] + [prob_column(m) for m in models]
+    parts: dict[str, list] = {k: [] for k in keep + [features_column(m) for m in models]}
+    for batch in batches:
+        tests = batch["test_set"] == tsne_set  # features only where the t-SNE needs them
+        for k in keep:
+            parts[k].append(batch[k])
+        for m in models:
+            parts[features_column(m)].append(batch[features_column(m)][tests])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def _write_predictions(columns: dict, models: dict, path: Path) -> None:
+    tables = [pa.table({
+        "image_id": columns["image_id"].astype(str), "target": columns["target"].astype(np.int8),
+        "prob": columns[prob_column(m)].astype(np.float32), "model": [m] * len(columns["image_id"]),
+        "test_set": columns["test_set"].astype(str),
+    }) for m in models]
+    pq.write_table(pa.concat_tables(tables), path)
+
+
+def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
+    """Every number of the evaluation, from the prediction columns."""
+    ev = cfg.evaluate
+    sets = [s for s in dict.fromkeys(columns["test_set"].tolist())]
+    of = {s: columns["test_set"] == s for s in sets}
+    y_val = columns["target"][of[VALIDATION]]
+    targets = sorted({*ev.sensitivities, ev.operating_sensitivity})
+    thresholds = {m: {s: threshold_at_sensitivity(y_val, columns[prob_column(m)][of[VALIDATION]], s) for s in targets}
+                  for m in models}
+    results, comparisons = [], []
+    for test_set in sets:
+        y = columns["target"][of[test_set]]
+        for m in models:
+            p = columns[prob_column(m)][of[test_set]]
+            auc = roc_auc(y, p)
+            lo, hi = bootstrap_auc_ci(y, p, ev.bootstrap, ev.seed)
+            points = []
+            for s in ev.sensitivities:
+                sens, spec = sensitivity_specificity(y, p, thresholds[m][s])
+                points.append({"target_sensitivity": s, "threshold": thresholds[m][s], "sensitivity": sens,
+                               "specificity": spec})
+            results.append({"model": m, "test_set": test_set, "n": int(len(y)), "positives": int(y.sum()),
+                            "auc": auc, "auc_ci": [lo, hi], "operating_points": points})
+        for a, b in itertools.combinations(models, 2):
+            test = delong_test(y, columns[prob_column(a)][of[test_set]], columns[prob_column(b)][of[test_set]])
+            comparisons.append({"test_set": test_set, "model_a": a, "model_b": b, **test})
+    operating = {m: {"threshold": thresholds[m][ev.operating_sensitivity], "target_sensitivity":
+                     ev.operating_sensitivity, "chosen_on": VALIDATION, "validation_images": int(of[VALIDATION].sum())}
+                 for m in models}
+    return {"results": results, "delong": comparisons, "operating_points": operating,
+            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95}}
+
+
+def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path) -> None:
+    from drray.plots import roc_figure, tsne_figure
+
+    for test_set in dict.fromkeys(columns["test_set"].tolist()):
+        if test_set == VALIDATION:
+            continue
+        chosen = columns["test_set"] == test_set
+        curves = {r["model"]: {"targets": columns["target"][chosen], "probs": columns[prob_column(r["model"])][chosen],
+                               "auc": r["auc"], "auc_ci": r["auc_ci"]}
+                  for r in metrics["results"] if r["test_set"] == test_set}
+        roc_figure(curves, f"ROC, {test_set}", out / f"roc_{test_set}.png")
+    tsne_set = _tsne_set(columns["test_set"])
+    targets = columns["target"][columns["test_set"] == tsne_set]
+    sample = np.random.default_rng(cfg.evaluate.seed).permutation(len(targets))[: cfg.evaluate.tsne_images]
+    panels = {m: (tsne(columns[features_column(m)][sample], cfg.evaluate.seed), targets[sample]) for m in models}
+    tsne_figure(panels, f"t-SNE of penultimate features, {tsne_set} ({len(sample)} images)", out / "tsne.png")
+
+
+def _tsne_set(sets) -> str:
+    return EXTERNAL if EXTERNAL in set(sets) else EYEPACS_TEST
+
+
+def tsne(features: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    return TSNE(2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(features)
+
+
+def _store_operating_points(cfg: Config, models: dict[str, Path], metrics: dict) -> None:
+    """The referable threshold goes with each published model (RUN/models/<name>/meta.json)."""
+    published = (run_dir(cfg) / "models").resolve()
+    for name, path in models.items():
+        if path.parent != published:
+            continue
+        meta = read_meta(path)
+        meta["operating_point"] = metrics["operating_points"][name]
+        atomic_write_json(path / "meta.json", meta)

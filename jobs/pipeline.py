@@ -1,0 +1,101 @@
+"""``drray run pipeline``: the paper's method end to end, plus the supervised baseline, then
+the evaluation and the report.
+
+    prepare -> pretrain -> teacher -> supervised -> pseudolabel -> distill -> student
+            -> models -> evaluate -> report
+
+Each stage's output is keyed by its config and inputs (see jobs.common), and a finished stage
+is skipped: a rerun after a crash redoes only what is missing, a changed downstream setting
+reuses the upstream stages. ``RUN/pipeline.json`` records every invocation: which stages ran,
+which were skipped, and how long each took.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from drray.artifacts import atomic_write_json, write_resolved_config
+from drray.config import Config, run_dir
+from jobs import common, distill, evaluate, finetune, prepare, pretrain, pseudolabel, report
+
+log = logging.getLogger(__name__)
+
+
+def _models(cfg: Config) -> dict:
+    """Publish the final models as RUN/models/{teacher,student,supervised}."""
+    manifest = common.prepared_eyepacs(cfg)
+    published = {}
+    for section, name in (("finetune", "teacher"), ("student_finetune", "student"), ("supervised", "supervised")):
+        published[name] = str(common.publish_model(cfg, name, finetune.output_dir(cfg, section, manifest), manifest))
+    return {"stage": "models", "models": published}
+
+
+# (name, what it does, function)
+STAGES: list[tuple[str, str, Callable[[Config], dict]]] = [
+    ("prepare", "synthesise (where configured) and prepare the data sets",
+     lambda cfg: {"stage": "prepare", "datasets": prepare.run(cfg)}),
+    ("pretrain", "SimCLR on the unlabeled pool", pretrain.run),
+    ("teacher", "fine-tune the SimCLR backbone on the labeled subset", finetune.run),
+    ("supervised", "baseline: the same labels, no pretraining", finetune.run_supervised),
+    ("pseudolabel", "the teacher labels the pool", pseudolabel.run),
+    ("distill", "the student learns the pseudo-labels", distill.run),
+    ("student", "fine-tune the student on the labeled subset", finetune.run_student),
+    ("models", "publish RUN/models/{teacher,student,supervised}", _models),
+    ("evaluate", "AUC with CIs, operating points, DeLong, ROC and t-SNE", evaluate.run),
+    ("report", "RUN/report.md and RUN/report.html", lambda cfg: report.build(run_dir(cfg))),
+]
+
+
+def run(cfg: Config) -> dict:
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+    record = Invocations(out / "pipeline.json")
+    for number, (name, what, stage) in enumerate(STAGES, start=1):
+        print(f"[pipeline] stage {number}/{len(STAGES)}: {name}: {what}", flush=True)
+        started = time.time()
+        record.stage(name, "running", started)
+        try:
+            result = stage(cfg)
+        except BaseException:
+            record.stage(name, "failed", started)
+            record.finish("failed")
+            raise
+        status = "skipped" if result.get("skipped") else "ran"
+        record.stage(name, status, started, result)
+        print(f"[pipeline] {name}: {status} ({time.time() - started:.0f} s)", flush=True)
+    record.finish("complete")
+    report = out / "report.md"
+    print(f"[pipeline] done: {report.resolve()} (and report.html, metrics.json, models/)", flush=True)
+    return {"run_dir": str(out.resolve()), "report": str(report.resolve()),
+            "stages": record.current["stages"]}
+
+
+class Invocations:
+    """RUN/pipeline.json: one entry per invocation of the pipeline, rewritten atomically after
+    every stage (a killed invocation keeps the stages it finished and the one it was in)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+        self.current = {"started": time.time(), "status": "running", "stages": []}
+        self.data["invocations"].append(self.current)
+
+    def stage(self, name: str, status: str, started: float, result: dict | None = None) -> None:
+        stages = self.current["stages"]
+        if stages and stages[-1]["stage"] == name:
+            stages.pop()
+        entry = {"stage": name, "status": status, "seconds": round(time.time() - started, 2)}
+        if result:
+            entry.update({k: result[k] for k in ("dir", "path", "images_per_s") if k in result})
+        stages.append(entry)
+        atomic_write_json(self.path, self.data)
+
+    def finish(self, status: str) -> None:
+        self.current.update(status=status, finished=time.time())
+        atomic_write_json(self.path, self.data)
+
