@@ -290,11 +290,27 @@ def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
             f"(known keys here: {', '.join(fields)})"
         )
     values = {
-        name: _coerce(hints[name], raw[name], _join(prefix, name), origin)
+        name: _coerce(hints[name], _over_section_default(fields[name], raw[name]), _join(prefix, name), origin)
         for name in fields
         if name in raw
     }
     return cls(**values)
+
+
+def _over_section_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partly given section keeps the defaults of its field, not only of its class: a
+    ``student_finetune:`` section without ``start_from`` still starts from ``distill``."""
+    if f.default_factory is dataclasses.MISSING or not isinstance(value, dict):
+        return value
+    default = f.default_factory()
+    return _merged(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:

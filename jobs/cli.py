@@ -160,6 +160,36 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A model directory: RUN/models/student (or teacher, supervised), or any drray checkpoint.")
+@click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="Folder of raw fundus photographs (searched recursively).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output table, .csv or .parquet: image_id, path, prob, referable, threshold, status, reason.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Referable when prob >= this (default: the operating point stored with the model).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, batch_size: int) -> None:
+    """Screen raw fundus photographs: P(referable DR) and a referable flag per image.
+
+    The images get the preprocessing the model was trained with (fundus detection, centring,
+    resize). An image that cannot be read or shows no fundus gets a row with its reason.
+    """
+    from jobs.predict import run as predict_images
+
+    try:
+        summary = predict_images(model_dir, images, out, batch_size=batch_size, threshold=threshold)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    not_graded = sum(summary["not_graded"].values())
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["not_graded"].items())
+    click.echo(f"{summary['images']} images: {summary['referable']} referable, {summary['not_referable']} not "
+               f"referable, {not_graded} not graded{f' ({reasons})' if reasons else ''}")
+    click.echo(f"threshold {summary['threshold']:.3f}: {summary['threshold_source']}")
+    click.echo(f"wrote {summary['out']}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def report(run_dir: Path) -> None:
     """Rebuild RUN_DIR/report.md and report.html from what the pipeline wrote (reruns nothing)."""

@@ -47,6 +47,7 @@ from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
 VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
+PIPELINE_MODELS = ("supervised", "teacher", "student")  # the order of tables and plots
 
 
 def models_of(cfg: Config) -> dict[str, Path]:
@@ -59,7 +60,9 @@ def models_of(cfg: Config) -> dict[str, Path]:
             chosen[name or path.name] = path
     else:
         root = run_dir(cfg) / "models"
-        chosen = {p.name: p.resolve() for p in sorted(root.glob("*")) if (p / "model.pt").is_file()}
+        found = [p for p in root.glob("*") if (p / "model.pt").is_file()]
+        order = {name: i for i, name in enumerate(PIPELINE_MODELS)}
+        chosen = {p.name: p.resolve() for p in sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))}
         if not chosen:
             raise FileNotFoundError(f"evaluate: no models in {root}: run `drray run pipeline` first, or name "
                                     f"checkpoints with --set evaluate.models=[teacher=DIR,...]")

@@ -25,6 +25,11 @@ from jobs import common, distill, evaluate, finetune, prepare, pretrain, pseudol
 log = logging.getLogger(__name__)
 
 
+def _prepare(cfg: Config) -> dict:
+    datasets = prepare.run(cfg)
+    return {"stage": "prepare", "datasets": datasets, "skipped": all(d["reused"] for d in datasets.values())}
+
+
 def _models(cfg: Config) -> dict:
     """Publish the final models as RUN/models/{teacher,student,supervised}."""
     manifest = common.prepared_eyepacs(cfg)
@@ -37,7 +42,7 @@ def _models(cfg: Config) -> dict:
 # (name, what it does, function)
 STAGES: list[tuple[str, str, Callable[[Config], dict]]] = [
     ("prepare", "synthesise (where configured) and prepare the data sets",
-     lambda cfg: {"stage": "prepare", "datasets": prepare.run(cfg)}),
+     _prepare),
     ("pretrain", "SimCLR on the unlabeled pool", pretrain.run),
     ("teacher", "fine-tune the SimCLR backbone on the labeled subset", finetune.run),
     ("supervised", "baseline: the same labels, no pretraining", finetune.run_supervised),

@@ -43,7 +43,7 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
         current = _current_manifest(out, params, fingerprint)
         if current:
             log.info("%s is up to date (same inputs and parameters): kept", out)
-            return current
+            return {**current, "reused": True}
     items = _with_splits(report.items, partition, test_fraction, seed)
     return prepare_dataset(
         items, out, params, source=source, images=str(images), label_files=report.label_files,
@@ -108,7 +108,8 @@ def run(cfg: Config) -> dict:
     if cfg.data.external is not None:
         datasets["external"] = cfg.data.external
     manifests = {name: ensure_prepared(name, ds, cfg) for name, ds in datasets.items()}
-    summary = {name: {"prepared_dir": datasets[name].prepared, **m["counts"]} for name, m in manifests.items()}
+    summary = {name: {"prepared_dir": datasets[name].prepared, "reused": m.get("reused", False), **m["counts"]}
+               for name, m in manifests.items()}
     atomic_write_json(out / "data.json", summary)
     return summary
 

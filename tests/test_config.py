@@ -23,6 +23,19 @@ def test_paper_config_states_the_paper():
     assert cfg.student_finetune.epochs == 100
     assert cfg.labels.count == 1000
     assert cfg.pseudolabel.threshold == 0.5
+    assert cfg.student_finetune.start_from == "distill" and cfg.supervised.backbone == "inception_v3"
+
+
+@pytest.mark.parametrize("name", ["ci", "demo", "paper"])
+def test_a_partly_given_section_keeps_its_fields_defaults(name):
+    """The shipped configs give student_finetune without start_from: it must still start from
+    the distilled student (the section's default), not from pretraining (the class default)."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.student_finetune.start_from == "distill"
+    assert cfg.finetune.start_from == "pretrain" and cfg.supervised.start_from == "none"
+    partial = config_from_dict({"student_finetune": {"epochs": 3, "optim": {"lr": 0.5}}})
+    assert partial.student_finetune.start_from == "distill" and partial.student_finetune.epochs == 3
+    assert (partial.student_finetune.optim.name, partial.student_finetune.optim.lr) == ("sgd", 0.5)
 
 
 def test_overrides_apply_and_parse_yaml_scalars(tmp_path):

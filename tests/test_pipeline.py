@@ -1,0 +1,154 @@
+"""`drray run pipeline` at ci scale on real Ray: killed inside a stage and run again, it skips
+what is finished and resumes the rest; then the evaluation, the report, a changed downstream
+setting and `drray predict` on the published model."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from drray.config import load_config
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+CI = REPO / "configs" / "ci.yaml"
+TRAINING = ["pretrain", "teacher", "supervised", "distill", "student"]
+
+
+def invocations(run: Path) -> list[dict]:
+    return json.loads((run / "pipeline.json").read_text())["invocations"]
+
+
+def statuses(invocation: dict) -> dict[str, str]:
+    return {e["stage"]: e["status"] for e in invocation["stages"]}
+
+
+def epochs_in(stage_dir: Path) -> list[int]:
+    path = stage_dir / "metrics.jsonl"
+    return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "epoch" in r] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """The pipeline killed (driver and its Ray) after distill's first epoch, then run again."""
+    run = tmp_path_factory.mktemp("pipeline")
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "pipeline", "--config", str(CI), "--set", f"run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, distill = time.time() + 420, None
+    while time.time() < deadline and distill is None:
+        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+        found = list(run.glob("distill-*"))
+        if found and epochs_in(found[0]):
+            distill = found[0]
+        time.sleep(0.2)
+    assert distill is not None, "distill never finished an epoch"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "report.md").exists()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    return run
+
+
+def test_rerun_skips_finished_stages_and_resumes_the_killed_one(run):
+    first, second = invocations(run)
+    assert first["status"] == "running"  # killed: never marked finished
+    assert statuses(first)["distill"] == "running"
+    assert statuses(second) == {
+        "prepare": "skipped", "pretrain": "skipped", "teacher": "skipped", "supervised": "skipped",
+        "pseudolabel": "skipped", "distill": "ran", "student": "ran", "models": "ran", "evaluate": "ran",
+        "report": "ran",
+    }
+    assert second["status"] == "complete"
+    distill = next(run.glob("distill-*"))
+    assert "resumed" in (distill / "metrics.jsonl").read_text()
+    assert epochs_in(distill).count(0) == 1  # continued from its checkpoint, not from epoch 0
+    for stage in ("pretrain", "teacher", "supervised"):  # trained once
+        assert epochs_in(next(run.glob(f"{stage}-*"))) == [0, 1]
+
+
+def test_evaluation_numbers_are_sklearns_on_the_written_predictions(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    evaluation = next(run.glob("evaluate-*"))
+    predictions = pq.read_table(evaluation / "predictions.parquet").to_pandas()
+    assert set(predictions["model"]) == {"teacher", "student", "supervised"}
+    assert set(predictions["test_set"]) == {"validation", "eyepacs_test", "external"}
+    for r in metrics["results"]:
+        rows = predictions[(predictions["model"] == r["model"]) & (predictions["test_set"] == r["test_set"])]
+        assert len(rows) == r["n"] and rows["image_id"].is_unique
+        assert r["auc"] == pytest.approx(roc_auc_score(rows["target"], rows["prob"]), abs=1e-12)
+        assert r["auc_ci"][0] <= r["auc"] <= r["auc_ci"][1]
+        assert [op["target_sensitivity"] for op in r["operating_points"]] == [0.9, 0.95]
+    test_n = predictions[(predictions["model"] == "student") & (predictions["test_set"] == "eyepacs_test")]
+    assert len(test_n) == 60  # every graded image of the ci test split
+    assert {frozenset((d["model_a"], d["model_b"])) for d in metrics["delong"] if d["test_set"] == "external"} == {
+        frozenset(("teacher", "student")), frozenset(("teacher", "supervised")), frozenset(("student", "supervised"))}
+    for png in ("roc_eyepacs_test.png", "roc_external.png", "tsne.png"):
+        assert Image.open(evaluation / png).size[0] > 300
+
+
+def test_report_and_published_models(run):
+    report = (run / "report.md").read_text()
+    assert "Results (Table 1 layout)" in report and "student >= teacher > supervised" in report
+    assert "figures/roc_external.png" in report and "| prepare |" in report
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and 'src="figures' not in page  # self-contained
+    for name in ("teacher", "student", "supervised"):
+        meta = json.loads((run / "models" / name / "meta.json").read_text())
+        assert 0 <= meta["operating_point"]["threshold"] <= 1 and meta["preprocessing"]["size"] == 32
+    (run / "report.html").unlink()
+    rebuilt = subprocess.run([sys.executable, "-m", "jobs.cli", "report", str(run)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (run / "report.html").is_file()
+
+
+def test_a_changed_downstream_setting_reuses_the_upstream_stages(run, ray_session):
+    from jobs import pipeline
+
+    cfg = load_config(CI, [f"run.dir={run}", "student_finetune.epochs=1"])
+    pipeline.run(cfg)
+    assert statuses(invocations(run)[-1]) == {
+        "prepare": "skipped", "pretrain": "skipped", "teacher": "skipped", "supervised": "skipped",
+        "pseudolabel": "skipped", "distill": "skipped", "student": "ran", "models": "ran", "evaluate": "ran",
+        "report": "ran",
+    }
+    assert len(list(run.glob("student-*"))) == 2 and len(list(run.glob("evaluate-*"))) == 2
+
+
+def test_predict_gives_every_image_a_row(run, tmp_path):
+    folder = tmp_path / "clinic"
+    (folder / "left").mkdir(parents=True)
+    raw = sorted((REPO / "data" / "ci" / "raw" / "eyepacs" / "train").glob("*.jpeg"))[:3]
+    for path in raw:
+        shutil.copy(path, folder / "left" / path.name)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg at all")
+    (folder / "truncated.jpeg").write_bytes(raw[0].read_bytes()[:600])
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(folder / "black.png")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    out = tmp_path / "screening.csv"
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "predict", "--model", str(run / "models" / "student"),
+                             "--images", str(folder), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {r["image_id"]: r for r in pacsv.read_csv(out).to_pylist()}
+    assert set(rows) == {p.stem for p in raw} | {"corrupt", "truncated", "black"}
+    threshold = json.loads((run / "models" / "student" / "meta.json").read_text())["operating_point"]["threshold"]
+    for path in raw:
+        r = rows[path.stem]
+        assert r["status"] == "ok" and 0 <= r["prob"] <= 1 and r["referable"] == (r["prob"] >= threshold)
+        assert r["path"] == f"left/{path.name}"
+    for bad in ("corrupt", "truncated", "black"):
+        assert rows[bad]["status"] != "ok" and rows[bad]["reason"] and rows[bad]["prob"] is None
+    assert "3 not graded" in result.stdout and "operating point" in result.stdout
