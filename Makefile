@@ -25,7 +25,9 @@ demo: install
 bench: install
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/pseudolabel.py
 	$(BIN)/python bench/synth_colour.py
+	$(BIN)/python bench/demo.py
 
 lint: install
 	$(BIN)/ruff check drray jobs tests bench

@@ -155,6 +155,8 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
 
         for counts in result.values():
             click.echo(format_summary(counts, counts["prepared_dir"]))
+    elif job == "pipeline":
+        click.echo(_pipeline_summary(result))
     else:
         click.echo(json.dumps(result, indent=2, default=str))
 
@@ -200,6 +202,19 @@ def report(run_dir: Path) -> None:
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {result['path']} and {result['html']}")
+
+
+def _pipeline_summary(result: dict) -> str:
+    metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
+    lines = ["", f"{'model':<12} {'test set':<14} {'AUC':>6}  95% CI"]
+    for r in metrics["results"]:
+        if r["test_set"] != "validation":
+            lo, hi = r["auc_ci"]
+            lines.append(f"{r['model']:<12} {r['test_set']:<14} {r['auc']:>6.3f}  [{lo:.3f}, {hi:.3f}]")
+    ran = [s["stage"] for s in result["stages"] if s["status"] == "ran"]
+    lines += ["", f"stages run: {', '.join(ran) or 'none'} (the others were complete)",
+              f"report: {result['report']} (and report.html beside it)"]
+    return "\n".join(lines)
 
 
 run.help = (run.help or "") + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in sorted(JOBS.items()))

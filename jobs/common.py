@@ -99,7 +99,7 @@ def stage_run(cfg: Config, section, section_name: str, *, name: str, out: Path, 
         steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=to_dict(section.optim),
         precision=section.scaling.precision, channels_last=section.scaling.channels_last,
         checkpoint_every=section.checkpoint_every, seed=cfg.run.seed,
-        epochs_per_pass=epochs_per_pass(section.epochs), **extra,
+        epochs_per_pass=epochs_per_pass(section.epochs, n_rows), **extra,
     )
 
 
@@ -107,10 +107,12 @@ def fit(cfg: Config, section, run: StageRun, datasets: dict) -> dict:
     return fit_stage(run, datasets, scaling_of(cfg, section.scaling, section.keep_checkpoints), storage(cfg))
 
 
-def epochs_per_pass(epochs: int) -> int:
-    from drray.distributed.datasets import EPOCHS_PER_PASS
+def epochs_per_pass(epochs: int, n_rows: int) -> int:
+    """Epochs streamed by one pass of a stage's pipeline: EPOCHS_PER_PASS, or more for a small
+    labeled subset (each pass costs seconds to start; its epochs cost little)."""
+    from drray.distributed.datasets import EPOCHS_PER_PASS, MIN_ROWS_PER_PASS
 
-    return max(1, min(epochs, EPOCHS_PER_PASS))
+    return max(1, min(epochs, max(EPOCHS_PER_PASS, -(-MIN_ROWS_PER_PASS // max(n_rows, 1)))))
 
 
 def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> int:

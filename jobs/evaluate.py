@@ -33,7 +33,13 @@ from drray.config import Config, run_dir
 from drray.data.shards import read_index
 from drray.data.splits import binary_target
 from drray.distributed.datasets import Selection
-from drray.distributed.inference import Inference, check_resources, features_column, predictions, prob_column
+from drray.distributed.inference import (
+    Inference,
+    check_resources,
+    features_column,
+    predictions,
+    prob_column,
+)
 from drray.engine.checkpoint import read_meta
 from drray.metrics import (
     bootstrap_auc_ci,
@@ -66,7 +72,7 @@ def models_of(cfg: Config) -> dict[str, Path]:
         if not chosen:
             raise FileNotFoundError(f"evaluate: no models in {root}: run `drray run pipeline` first, or name "
                                     f"checkpoints with --set evaluate.models=[teacher=DIR,...]")
-    for name, path in chosen.items():
+    for path in chosen.values():
         read_meta(path)  # a clear error when it is not a checkpoint directory
     return chosen
 

@@ -96,7 +96,7 @@ class Invocations:
             stages.pop()
         entry = {"stage": name, "status": status, "seconds": round(time.time() - started, 2)}
         if result:
-            entry.update({k: result[k] for k in ("dir", "path", "images_per_s") if k in result})
+            entry.update({k: result[k] for k in ("dir", "path", "images_per_s", "images", "positives") if k in result})
         stages.append(entry)
         atomic_write_json(self.path, self.data)
 

@@ -90,8 +90,22 @@ def run(cfg: Config) -> dict:
     written = _write(out, cfg, expected, pool, inference)
     seconds = time.monotonic() - started
     log.info("pseudolabel: %d images in %.1f s -> %s", written, seconds, out)
-    return {"stage": "pseudolabel", "path": str(out), "skipped": False, **_summary(out),
+    summary = _summary(out)
+    _warn_if_uninformative(cfg, summary)
+    return {"stage": "pseudolabel", "path": str(out), "skipped": False, **summary,
             "seconds": round(seconds, 2), "images_per_s": round(written / max(seconds, 1e-9), 1)}
+
+
+def _warn_if_uninformative(cfg: Config, summary: dict) -> None:
+    """Hard pseudo-labels that are (nearly) all one class teach the student nothing: say so."""
+    labeled = list(common.labeled_subset(cfg).labeled.values())
+    prior = sum(labeled) / max(len(labeled), 1)
+    rate = summary["positives"] / max(summary["images"], 1)
+    if cfg.distill.targets == "hard" and prior > 0 and not prior / 4 <= rate <= min(1.0, prior * 4):
+        print(f"[pseudolabel] warning: {rate:.1%} of the pool is labeled referable at threshold "
+              f"{cfg.pseudolabel.threshold} against {prior:.1%} of the labeled subset: hard pseudo-labels this "
+              f"lopsided carry little for the student (consider --set distill.targets=soft, or a threshold "
+              f"nearer the teacher's operating point)", flush=True)
 
 
 def _write(out: Path, cfg: Config, provenance_: dict, pool: list[str], inference: Inference) -> int:

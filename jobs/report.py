@@ -173,10 +173,15 @@ def _stage_table(stages: dict[str, dict]) -> list[tuple]:
         rows.append([name, e["status"], f"{e['seconds']:.0f}", f"{rate:.0f}" if rate else "",
                      e.get("dir") or e.get("path") or ""])
     total = sum(e["seconds"] for e in stages.values() if e["status"] == "ran")
-    return [("h2", "Stages"),
-            ("p", f"Wall time of the run that computed each stage ({total:.0f} s in all; a skipped stage was "
-                  "reused from an earlier invocation). Training stages: mean images/s over their epochs."),
-            ("table", ["stage", "status", "wall s", "images/s", "output"], rows)]
+    blocks = [("h2", "Stages"),
+              ("p", f"Wall time of the run that computed each stage ({total:.0f} s in all; a skipped stage was "
+                    "reused from an earlier invocation). Training stages: mean images/s over their epochs."),
+              ("table", ["stage", "status", "wall s", "images/s", "output"], rows)]
+    pseudo = stages.get("pseudolabel", {})
+    if pseudo.get("images"):
+        blocks.append(("p", f"Pseudo-labels: {pseudo['images']} pool images, {pseudo['positives']} labeled referable "
+                            f"({100 * pseudo['positives'] / pseudo['images']:.1f}%) by the teacher."))
+    return blocks
 
 
 def _train_rate(stage_dir: str | None) -> float | None:

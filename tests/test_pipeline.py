@@ -41,7 +41,7 @@ def epochs_in(stage_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """The pipeline killed (driver and its Ray) after distill's first epoch, then run again."""
+    """The pipeline killed (driver and its Ray) after distill's first checkpoint, then run again."""
     run = tmp_path_factory.mktemp("pipeline")
     cmd = [sys.executable, "-m", "jobs.cli", "run", "pipeline", "--config", str(CI), "--set", f"run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -49,10 +49,12 @@ def run(tmp_path_factory) -> Path:
     while time.time() < deadline and distill is None:
         assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
         found = list(run.glob("distill-*"))
-        if found and epochs_in(found[0]):
+        # an epoch is done and Ray Train holds its checkpoint (written after the metrics line)
+        if found and epochs_in(found[0]) and list((run / "ray" / found[0].name).glob("checkpoint_*")):
             distill = found[0]
         time.sleep(0.2)
     assert distill is not None, "distill never finished an epoch"
+    time.sleep(1.0)  # let Ray record the checkpoint as the latest
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "report.md").exists()

@@ -140,6 +140,7 @@ def test_epochs_span_several_pipeline_passes(tmp_path, ray_session, monkeypatch)
     from jobs import pretrain
 
     monkeypatch.setattr(datasets, "EPOCHS_PER_PASS", 2)
+    monkeypatch.setattr(datasets, "MIN_ROWS_PER_PASS", 1)
     cfg = load_config(CI, [f"run.dir={tmp_path}", "pretrain.epochs=3"])
     stage = Path(pretrain.run(cfg)["dir"])
     done = [r for r in records(stage) if "epoch" in r]

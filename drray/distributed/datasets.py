@@ -67,6 +67,7 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
 
 
 EPOCHS_PER_PASS = 10  # epochs streamed by one execution of a stage's pipeline (see repeat)
+MIN_ROWS_PER_PASS = 2000  # ... or more epochs, for a small selection (a labeled subset)
 
 
 def repeat(ds, times: int):
