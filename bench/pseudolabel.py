@@ -50,7 +50,7 @@ n = pseudolabel._write(out, cfg, {"teacher": teacher}, pool, inference)
 print(json.dumps({"images": n, "seconds": time.perf_counter() - start}))
 """
 
-BASELINE = r"""
+BASELINE = COMMON + r"""
 import numpy as np, pyarrow.parquet as pq, torch
 from drray.data.shards import shard_paths
 from drray.data.transforms import decode_to_tensor

@@ -51,11 +51,12 @@ def training_figure(stages: dict[str, list[dict]], path: str | Path) -> Path:
     """Loss (and validation AUC where there is one) per epoch of each training stage."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage, records in stages.items():
+    for i, (stage, records) in enumerate(stages.items()):
         epochs = [r["epoch"] + 1 for r in records]
-        axes[0].plot(epochs, [r["loss"] for r in records], marker=".", label=stage)
+        style = {"marker": ".", "label": stage, "color": f"C{i}"}  # a stage keeps its colour in both panels
+        axes[0].plot(epochs, [r["loss"] for r in records], **style)
         if any(r.get("val_auc") is not None for r in records):
-            axes[1].plot(epochs, [r.get("val_auc") for r in records], marker=".", label=stage)
+            axes[1].plot(epochs, [r.get("val_auc") for r in records], **style)
     axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     axes[1].set(xlabel="epoch", ylabel="validation AUC", title="validation AUC")
     for ax in axes:
