@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
     check_resources(inference, "evaluate")
     sets = evaluation_sets(cfg)
     print(f"[evaluate] {len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()),
-          flush=True)
+          file=sys.stderr, flush=True)
     ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=True)
     columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
     with atomic_directory(out) as tmp:

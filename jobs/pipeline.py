@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,7 @@ def run(cfg: Config) -> dict:
     write_resolved_config(out, cfg)
     record = Invocations(out / "pipeline.json")
     for number, (name, what, stage) in enumerate(STAGES, start=1):
-        print(f"[pipeline] stage {number}/{len(STAGES)}: {name}: {what}", flush=True)
+        print(f"[pipeline] stage {number}/{len(STAGES)}: {name}: {what}", file=sys.stderr, flush=True)
         started = time.time()
         record.stage(name, "running", started)
         try:
@@ -72,10 +73,10 @@ def run(cfg: Config) -> dict:
             raise
         status = "skipped" if result.get("skipped") else "ran"
         record.stage(name, status, started, result)
-        print(f"[pipeline] {name}: {status} ({time.time() - started:.0f} s)", flush=True)
+        print(f"[pipeline] {name}: {status} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     record.finish("complete")
     report = out / "report.md"
-    print(f"[pipeline] done: {report.resolve()} (and report.html, metrics.json, models/)", flush=True)
+    print(f"[pipeline] done: {report.resolve()} (and report.html, metrics.json, models/)", file=sys.stderr, flush=True)
     return {"run_dir": str(out.resolve()), "report": str(report.resolve()),
             "stages": record.current["stages"]}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -105,7 +106,7 @@ def _warn_if_uninformative(cfg: Config, summary: dict) -> None:
         print(f"[pseudolabel] warning: {rate:.1%} of the pool is labeled referable at threshold "
               f"{cfg.pseudolabel.threshold} against {prior:.1%} of the labeled subset: hard pseudo-labels this "
               f"lopsided carry little for the student (consider --set distill.targets=soft, or a threshold "
-              f"nearer the teacher's operating point)", flush=True)
+              f"nearer the teacher's operating point)", file=sys.stderr, flush=True)
 
 
 def _write(out: Path, cfg: Config, provenance_: dict, pool: list[str], inference: Inference) -> int:
