@@ -217,7 +217,7 @@ def _pipeline_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-run.help = (run.help or "") + "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in sorted(JOBS.items()))
+run.help = (run.help or "") + "\n".join(f"  {name:<17} {desc}" for name, (_, desc) in sorted(JOBS.items()))
 
 
 if __name__ == "__main__":
