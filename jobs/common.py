@@ -10,14 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from drray.artifacts import atomic_directory
 from drray.config import Config, ScalingConfig, run_dir, to_dict
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
 from drray.distributed.train import Scaling, StageRun, fit_stage
+from drray.engine.checkpoint import read_meta
 from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
@@ -145,12 +149,6 @@ def finished(out: Path, stage: str) -> dict | None:
 def publish_model(cfg: Config, name: str, stage_out: Path, manifest: dict) -> Path:
     """``RUN/models/<name>``: the stage's final model (weights hard-linked, not copied, where the
     file system allows) with its preprocessing, for ``drray predict`` and ``drray run evaluate``."""
-    import os
-    import shutil
-
-    from drray.artifacts import atomic_directory
-    from drray.engine.checkpoint import read_meta
-
     source = final_model(stage_out)
     meta = read_meta(source)
     meta.update(source=str(source), preprocessing=manifest["params"], positive=cfg.data.positive)

@@ -86,13 +86,13 @@ def labeled_targets(prepared: str, positive: str, split: str | None) -> dict[str
 
 
 def evaluation_sets(cfg: Config) -> dict[str, Selection]:
+    """The sets every model is evaluated on (the data is prepared: see ``run``)."""
     size, positive = cfg.data.size, cfg.data.positive
     eyepacs = cfg.data.eyepacs.prepared
     sets = {VALIDATION: Selection(eyepacs, "eval", size, split="train", targets=common.labeled_subset(cfg).validation),
             EYEPACS_TEST: Selection(eyepacs, "eval", size, split="test",
                                     targets=labeled_targets(eyepacs, positive, "test"))}
     if cfg.data.external is not None:
-        ensure_prepared("external", cfg.data.external, cfg)
         external = cfg.data.external.prepared
         sets[EXTERNAL] = Selection(external, "eval", size, split=None,
                                    targets=labeled_targets(external, positive, None))
@@ -102,16 +102,16 @@ def evaluation_sets(cfg: Config) -> dict[str, Selection]:
     return sets
 
 
-def stage_key(cfg: Config, models: dict[str, Path], manifest: dict) -> str:
-    external = ensure_prepared("external", cfg.data.external, cfg)["content_hash"] if cfg.data.external else None
+def stage_key(cfg: Config, models: dict[str, Path], manifest: dict, external: dict | None) -> str:
     return common.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
-                         common.data_key(cfg, manifest), external)
+                         common.data_key(cfg, manifest), external["content_hash"] if external else None)
 
 
 def run(cfg: Config) -> dict:
     manifest = common.prepared_eyepacs(cfg)
+    external = ensure_prepared("external", cfg.data.external, cfg) if cfg.data.external else None
     models = models_of(cfg)
-    out = common.stage_dir(cfg, "evaluate", stage_key(cfg, models, manifest))
+    out = common.stage_dir(cfg, "evaluate", stage_key(cfg, models, manifest, external))
     skipped = (out / "metrics.json").is_file()
     if skipped:
         log.info("evaluate: complete in %s, skipped", out)
