@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/pseudolabel.py
 	$(BIN)/python bench/synth_colour.py
 	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/sweep.py
 
 lint: install
 	$(BIN)/ruff check drray jobs tests bench

@@ -34,6 +34,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     dir: str | None = None  # default: runs/<config file stem>
+    # Where stage outputs are kept and found again (the stage cache; Ray Train's checkpoints
+    # in <stages>/ray): default the run dir. Runs that name the same folder share every stage
+    # whose inputs match, e.g. a sweep's trials share the one SimCLR pretraining.
+    stages: str | None = None
     seed: int = 0
     num_cpus: int | None = None  # CPUs for a local Ray instance; None: all of them
     max_failures: int = 2  # times Ray Train restarts a stage's workers after a failure
@@ -188,7 +192,7 @@ class EvaluateConfig(InferenceConfig):
     seed: int = 0
     sensitivities: tuple[float, ...] = (0.9, 0.95)  # operating points chosen on validation data
     operating_sensitivity: float = 0.9  # the one stored with each model for `drray predict`
-    tsne_images: int = 1000  # images per t-SNE panel (a seeded sample of the EyePACS test split)
+    tsne_images: int = 1000  # images per t-SNE panel (a seeded sample of the external, else EyePACS test set); 0: none
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,20 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """``drray run sweep``: the label-dependent stages repeated over label fractions (or counts)
+    x seeds with Ray Tune, all from one shared pretraining. A seed draws the labeled subset
+    (labels.seed, nested across fractions) and seeds the downstream training."""
+
+    fractions: tuple[float, ...] = ()  # labels.fraction per trial; or give counts
+    counts: tuple[int, ...] = ()  # labels.count per trial
+    seeds: tuple[int, ...] = (0, 1, 2)
+    concurrent_trials: int = 1  # trials at once; each needs the CPUs/GPUs of its largest stage
+    trial_cpus: float = 0.5  # the trial's own process (evaluation metrics, plots, the report)
+    max_failures: int = 1  # times a failed trial is retried before it counts as failed
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -223,6 +241,7 @@ class Config:
     # The supervised baseline: the same labels, no pretraining, no pseudo-labels.
     supervised: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="none"))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Where the config came from; not a YAML key. Relative paths in the file are relative
     # to the current directory (the repo root for the shipped configs), like any CLI path.
     source_file: str = field(default="", compare=False, metadata={"internal": True})
@@ -238,16 +257,32 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    raw = _read_with_bases(path, ())
+    for item in overrides:
+        _apply_override(raw, item, path)
+    cfg = _build(Config, raw, "", str(path))
+    return dataclasses.replace(cfg, source_file=str(path))
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A config file's mapping; ``base: other.yaml`` (relative to this file) is read first and
+    this file's sections laid over it, key by key (``configs/sweep-ci.yaml`` is ci.yaml + a sweep)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"{seen[-1] if seen else path}: config file {path} not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        _apply_override(raw, item, path)
-    cfg = _build(Config, raw, "", str(path))
-    return dataclasses.replace(cfg, source_file=str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base': expected a file name, got {base!r}")
+    return _merged(_read_with_bases(path.parent / base, seen + (path.resolve(),)), raw)
 
 
 def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
@@ -390,6 +425,11 @@ def run_dir(cfg: Config) -> Path:
         return Path(cfg.run.dir)
     stem = Path(cfg.source_file).stem if cfg.source_file else "default"
     return Path("runs") / stem
+
+
+def stages_dir(cfg: Config) -> Path:
+    """Where stage outputs live: ``run.stages``, else the run directory."""
+    return Path(cfg.run.stages) if cfg.run.stages else run_dir(cfg)
 
 
 def to_dict(obj: Any) -> Any:

@@ -1,5 +1,6 @@
 """Figures for the evaluation and the report (matplotlib, no display needed): ROC curves per
-test set with every model overlaid, t-SNE panels of penultimate features, training curves."""
+test set with every model overlaid, t-SNE panels of penultimate features, training curves,
+AUC against label fraction for a sweep."""
 
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def training_figure(stages: dict[str, list[dict]], path: str | Path) -> Path:
     axes[1].set(xlabel="epoch", ylabel="validation AUC", title="validation AUC")
     for ax in axes:
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def sweep_figure(panels: dict[str, dict[str, list[tuple[float, float, float, list[float]]]]], path: str | Path) -> Path:
+    """AUC against label fraction (log x axis): one panel per test set, one line per method,
+    error bars +-1 sd over seeds and every seed's AUC as a faint dot.
+    ``panels``: test set title -> method -> [(fraction, mean, sd, per-seed AUCs)] by fraction."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    for ax, (title, methods) in zip(axes[0], panels.items(), strict=True):
+        for i, (method, points) in enumerate(methods.items()):
+            x = [p[0] for p in points]
+            ax.errorbar(x, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
+                        color=f"C{i}", label=method)
+            for fraction, _, _, aucs in points:
+                ax.scatter([fraction] * len(aucs), aucs, s=8, alpha=0.35, color=f"C{i}")
+        ax.set(xscale="log", xlabel="labeled fraction of the train split", title=title)
+        ax.grid(alpha=0.3, which="both")
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes[0][0].set_ylabel("test AUC (mean +- sd over seeds)")
+    axes[0][0].legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

@@ -24,6 +24,7 @@ JOBS = {
     "supervised": ("jobs.finetune:run_supervised", "baseline: train on the labeled subset alone (no pretraining)"),
     "evaluate": ("jobs.evaluate:run", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots"),
     "pipeline": ("jobs.pipeline:run", "every stage above, then evaluate and RUN/report.md (finished stages skipped)"),
+    "sweep": ("jobs.sweep:run", "the pipeline over sweep.fractions x sweep.seeds (Ray Tune), one shared pretraining"),
 }
 
 EXAMPLES = """
@@ -157,6 +158,9 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
             click.echo(format_summary(counts, counts["prepared_dir"]))
     elif job == "pipeline":
         click.echo(_pipeline_summary(result))
+    elif job == "sweep":
+        click.echo(Path(result["sweep"]).read_text())
+        click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")
     else:
         click.echo(json.dumps(result, indent=2, default=str))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drray.artifacts import atomic_directory
-from drray.config import Config, ScalingConfig, run_dir, to_dict
+from drray.config import Config, ScalingConfig, run_dir, stages_dir, to_dict
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
@@ -40,7 +40,16 @@ def prepared_eyepacs(cfg: Config) -> dict:
 
 
 def data_key(cfg: Config, manifest: dict) -> str:
-    return key_of(manifest["content_hash"], cfg.data.positive)
+    """What every stage's key includes: the prepared data, the target definition and the run's
+    seed (it seeds every stage's training)."""
+    return key_of(manifest["content_hash"], cfg.data.positive, cfg.run.seed)
+
+
+def training_seed(cfg: Config, stage: str) -> int:
+    """The seed of a stage's training. Stages after pretraining also follow ``labels.seed``: a
+    sweep's seeds then vary both the labeled subset and the initialisation, while the one
+    pretraining they share keeps ``run.seed``. (labels.seed 0 leaves run.seed unchanged.)"""
+    return cfg.run.seed if stage == "pretrain" else cfg.run.seed + 1_000_003 * cfg.labels.seed
 
 
 @dataclass(frozen=True)
@@ -72,15 +81,15 @@ def pool_ids(cfg: Config) -> list[str]:
 
 
 def stage_dir(cfg: Config, stage: str, key: str) -> Path:
-    """Absolute: Ray workers run in directories of their own."""
-    path = (run_dir(cfg) / f"{stage}-{key}").resolve()
+    """``<run.stages or RUN>/<stage>-<key>``, absolute: Ray workers run in directories of their own."""
+    path = (stages_dir(cfg) / f"{stage}-{key}").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def storage(cfg: Config) -> Path:
-    """Where Ray Train keeps checkpoints for resumption."""
-    return run_dir(cfg) / "ray"
+    """Where Ray Train keeps checkpoints for resumption (next to the stage directories)."""
+    return stages_dir(cfg) / "ray"
 
 
 def scaling_of(cfg: Config, scaling: ScalingConfig, keep_checkpoints: int) -> Scaling:
@@ -102,7 +111,7 @@ def stage_run(cfg: Config, section, section_name: str, *, name: str, out: Path, 
         batch_size=per_worker_batch(section.batch_size, section.scaling, section_name),
         steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=to_dict(section.optim),
         precision=section.scaling.precision, channels_last=section.scaling.channels_last,
-        checkpoint_every=section.checkpoint_every, seed=cfg.run.seed,
+        checkpoint_every=section.checkpoint_every, seed=training_seed(cfg, section_name),
         epochs_per_pass=epochs_per_pass(section.epochs, n_rows), **extra,
     )
 

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def stage_key(cfg: Config, manifest: dict) -> str:
     labels = pseudolabel.output_path(cfg, manifest)
     labels_hash = sha256_file(labels) if labels.is_file() else "missing"
-    return common.key_of("distill", cfg.distill, cfg.data.size, labels_hash, common.data_key(cfg, manifest))
+    return common.key_of("distill", cfg.distill, cfg.data.size, labels_hash, cfg.labels.seed,
+                         common.data_key(cfg, manifest))
 
 
 def output_dir(cfg: Config, manifest: dict) -> Path:

@@ -130,7 +130,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
     sets = evaluation_sets(cfg)
     print(f"[evaluate] {len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()),
           file=sys.stderr, flush=True)
-    ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=True)
+    ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=cfg.evaluate.tsne_images > 0)
     columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
     with atomic_directory(out) as tmp:
         _write_predictions(columns, models, tmp / "predictions.parquet")
@@ -141,13 +141,14 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
 
 def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:
     keep = ["image_id", "target", "test_set"] + [prob_column(m) for m in models]
-    parts: dict[str, list] = {k: [] for k in keep + [features_column(m) for m in models]}
+    parts: dict[str, list] = {k: [] for k in keep}
     for batch in batches:
         tests = batch["test_set"] == tsne_set  # features only where the t-SNE needs them
         for k in keep:
             parts[k].append(batch[k])
         for m in models:
-            parts[features_column(m)].append(batch[features_column(m)][tests])
+            if features_column(m) in batch:  # absent without a t-SNE
+                parts.setdefault(features_column(m), []).append(batch[features_column(m)][tests])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
 
@@ -204,6 +205,8 @@ def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path)
                                "auc": r["auc"], "auc_ci": r["auc_ci"]}
                   for r in metrics["results"] if r["test_set"] == test_set}
         roc_figure(curves, f"ROC, {test_set}", out / f"roc_{test_set}.png")
+    if cfg.evaluate.tsne_images == 0:
+        return
     tsne_set = _tsne_set(columns["test_set"])
     targets = columns["target"][columns["test_set"] == tsne_set]
     sample = np.random.default_rng(cfg.evaluate.seed).permutation(len(targets))[: cfg.evaluate.tsne_images]

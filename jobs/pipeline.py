@@ -56,7 +56,10 @@ STAGES: list[tuple[str, str, Callable[[Config], dict]]] = [
 ]
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, on_stage: Callable[[str, str], None] | None = None) -> dict:
+    """Every stage in order; ``on_stage(name, status)`` hears of each start and end (a sweep's
+    trial passes them on to Ray Tune)."""
+    on_stage = on_stage or (lambda name, status: None)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
@@ -65,6 +68,7 @@ def run(cfg: Config) -> dict:
         print(f"[pipeline] stage {number}/{len(STAGES)}: {name}: {what}", file=sys.stderr, flush=True)
         started = time.time()
         record.stage(name, "running", started)
+        on_stage(name, "running")
         try:
             result = stage(cfg)
         except BaseException:
@@ -73,6 +77,7 @@ def run(cfg: Config) -> dict:
             raise
         status = "skipped" if result.get("skipped") else "ran"
         record.stage(name, status, started, result)
+        on_stage(name, status)
         print(f"[pipeline] {name}: {status} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     record.finish("complete")
     report = out / "report.md"

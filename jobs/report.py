@@ -13,6 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from drray.artifacts import atomic_write_text
 
 # The paper's Table 1 (2% = 1,000 EyePACS labels): (method, architecture, EyePACS test, Messidor-2)
@@ -25,10 +28,21 @@ TEST_SETS = {"eyepacs_test": "EyePACS-style test", "external": "Messidor-2-style
 
 
 def build(run: str | Path) -> dict:
+    """A pipeline run's report, a sweep's, or both where a run directory holds both."""
     run = Path(run)
-    if not (run / "metrics.json").is_file():
-        raise FileNotFoundError(f"{run}: no metrics.json; run `drray run pipeline` (or `drray run evaluate`) first")
-    blocks = _blocks(run)
+    pipeline, sweep = (run / "metrics.json").is_file(), (run / "sweep.parquet").is_file()
+    if not (pipeline or sweep):
+        raise FileNotFoundError(f"{run}: neither metrics.json nor sweep.parquet; run `drray run pipeline` "
+                                "(or `drray run evaluate`, or `drray run sweep`) first")
+    blocks: list[tuple] = [("h1", f"drray report: {run.resolve().name}"),
+                           ("p", f"Run directory `{run.resolve()}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")]
+    if pipeline:
+        blocks += _blocks(run)
+    if sweep:
+        blocks += sweep_blocks(run)
+    config = run / "config.resolved.yaml"
+    if config.is_file():
+        blocks += [("h2", "Resolved config"), ("pre", config.read_text())]
     atomic_write_text(run / "report.md", _markdown(blocks))
     atomic_write_text(run / "report.html", _html(blocks, run))
     return {"stage": "report", "path": str(run / "report.md"), "html": str(run / "report.html")}
@@ -41,17 +55,12 @@ def _blocks(run: Path) -> list[tuple]:
     metrics = json.loads((run / "metrics.json").read_text())
     stages = _stage_entries(run)
     models = _models(run)
-    blocks: list[tuple] = [("h1", f"drray report: {run.resolve().name}"),
-                           ("p", f"Run directory `{run.resolve()}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")]
-    blocks += _results(metrics, models)
+    blocks = _results(metrics, models)
     blocks += _ordering(metrics)
     blocks += _operating_points(metrics)
     blocks += _figures(run, stages)
     blocks += _stage_table(stages)
-    blocks += _data(run)
-    config = run / "config.resolved.yaml"
-    if config.is_file():
-        blocks += [("h2", "Resolved config"), ("pre", config.read_text())]
+    blocks += _data(run, stages)
     return blocks
 
 
@@ -59,9 +68,9 @@ def _models(run: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((run / "models").glob("*/meta.json"))}
 
 
-def _labels_text(run: Path) -> str:
-    subsets = list(run.glob("teacher-*/subset.json"))
-    count = len(json.loads(subsets[0].read_text())["labeled"]) if subsets else None
+def _labels_text(run: Path, stages: dict[str, dict]) -> str:
+    subset = Path(stages.get("teacher", {}).get("dir", "")) / "subset.json"
+    count = len(json.loads(subset.read_text())["labeled"]) if subset.is_file() else None
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
     train = data.get("eyepacs", {}).get("by_split", {}).get("train")
     if count is None:
@@ -192,7 +201,7 @@ def _train_rate(stage_dir: str | None) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def _data(run: Path) -> list[tuple]:
+def _data(run: Path, stages: dict[str, dict]) -> list[tuple]:
     path = run / "data.json"
     if not path.is_file():
         return []
@@ -202,8 +211,82 @@ def _data(run: Path) -> list[tuple]:
         grades = ", ".join(f"{k}: {v}" for k, v in c["by_grade"].items())
         rejected = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
         rows.append([name, str(c["inputs"]), str(c["prepared"]), f"{c['rejected']} ({rejected})", splits, grades])
-    return [("h2", "Data"), ("p", f"Labeled subset: {_labels_text(run)} of the EyePACS-style train split."),
+    return [("h2", "Data"), ("p", f"Labeled subset: {_labels_text(run, stages)} of the EyePACS-style train split."),
             ("table", ["data set", "inputs", "prepared", "rejected", "splits", "grades"], rows)]
+
+
+# --- a label-fraction sweep --------------------------------------------------------------------
+
+
+SWEEP_SCHEMA = pa.schema([
+    ("trial", pa.string()), ("fraction", pa.float64()), ("count", pa.int64()), ("seed", pa.int64()),
+    ("method", pa.string()), ("test_set", pa.string()), ("auc", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("n", pa.int64()), ("positives", pa.int64()), ("trial_seconds", pa.float64()),
+])
+
+
+def sweep_summary(rows: list[dict]) -> dict[tuple, dict]:
+    """(test set, method, fraction, count) -> mean, sd (n-1; 0 for one seed), per-seed AUCs."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["test_set"], r["method"], r["fraction"], r["count"]), []).append(r["auc"])
+    out = {}
+    for key, aucs in groups.items():
+        mean = sum(aucs) / len(aucs)
+        sd = (sum((a - mean) ** 2 for a in aucs) / (len(aucs) - 1)) ** 0.5 if len(aucs) > 1 else 0.0
+        out[key] = {"mean": mean, "sd": sd, "aucs": aucs}
+    return out
+
+
+def sweep_blocks(run: Path) -> list[tuple]:
+    from drray.plots import sweep_figure
+
+    rows = pq.read_table(run / "sweep.parquet").to_pylist()
+    summary = sweep_summary(rows)
+    methods = [m for m in ("supervised", "teacher", "student") if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    levels = sorted({(k[2], k[3]) for k in summary})
+    seeds = sorted({r["seed"] for r in rows})
+    blocks: list[tuple] = [
+        ("h2", "Label-fraction sweep"),
+        ("p", f"{len({r['trial'] for r in rows})} trials: {len(levels)} label fractions x seeds {seeds}, every "
+              "trial from the same SimCLR pretraining. AUC mean +- sd over seeds (n seeds); labeled subsets are "
+              "nested across fractions for a seed.")]
+    for test_set, title in TEST_SETS.items():
+        table = []
+        for fraction, count in levels:
+            cells = [f"{100 * fraction:.3g}% ({count})"]
+            for m in methods:
+                s = summary.get((test_set, m, fraction, count))
+                cells.append(f"{s['mean']:.3f} +- {s['sd']:.3f} ({len(s['aucs'])})" if s else "")
+            table.append(cells)
+        if any(any(c for c in row[1:]) for row in table):
+            blocks += [("p", f"{title} test set:"), ("table", ["labels"] + methods, table)]
+    panels = {title: {m: [(f, summary[(ts, m, f, c)]["mean"], summary[(ts, m, f, c)]["sd"],
+                           summary[(ts, m, f, c)]["aucs"]) for f, c in levels if (ts, m, f, c) in summary]
+                      for m in methods}
+              for ts, title in TEST_SETS.items() if any(r["test_set"] == ts for r in rows)}
+    if panels:
+        sweep_figure(panels, run / "figures" / "sweep_auc.png")
+        blocks.append(("img", "figures/sweep_auc.png", "test AUC against label fraction"))
+    blocks += _sweep_trials(run, rows)
+    return blocks
+
+
+def _sweep_trials(run: Path, rows: list[dict]) -> list[tuple]:
+    outcomes = run / "sweep_trials.json"
+    if not outcomes.is_file():
+        return []
+    seconds = {r["trial"]: r["trial_seconds"] for r in rows}
+    table = [[o["name"], o["status"], f"{seconds[o['name']]:.0f}" if o["name"] in seconds else "", o["error"] or "",
+              f"trials/{o['name']}/"] for o in json.loads(outcomes.read_text())]
+    return [("p", "Trials (seconds: the trial's stages, summed over its attempts; a stage its pipeline found "
+                  "finished costs ~0):"),
+            ("table", ["trial", "status", "seconds", "error", "its run directory"], table)]
+
+
+def sweep_markdown(run: Path) -> str:
+    return _markdown([("h1", f"Label-fraction sweep: {run.resolve().name}")] + sweep_blocks(run))
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -17,10 +17,7 @@ from drray.data.transforms import (
     simclr_view,
     train_noise,
 )
-
-# Half a CPU per data task: two tasks share each CPU left free by the training workers, so one
-# decodes while the other waits on the object store or the scheduler (measured in bench/train).
-DATA_TASK_CPUS = 0.5
+from drray.distributed.resources import DATA_TASK_CPUS
 
 
 @dataclass(frozen=True)
@@ -88,6 +85,23 @@ def read_selected(selection: Selection):
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
 
 
+# A selection of at most this many rows (a labeled subset, a validation set) is read by the
+# driver: a Ray Data read costs ~3.5 s of pipeline start-up here, more than reading the shards.
+DRIVER_READ_MAX_ROWS = 5000
+
+
+def _read_once(selection: Selection):
+    """The selection's encoded rows, read once, as a materialised Ray Dataset."""
+    import pyarrow.parquet as pq
+    import ray
+
+    if selection.targets is None or len(selection.targets) > DRIVER_READ_MAX_ROWS:
+        return read_selected(selection).materialize()
+    columns = ["image_id", "image", "split"]
+    parts = [select_rows(pq.read_table(path, columns=columns), selection) for path in shard_paths(selection.prepared)]
+    return ray.data.from_arrow(pa.concat_tables(parts)).materialize()
+
+
 def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = False,
                   epochs_per_pass: int = 1):
     """A Ray Dataset of model inputs for ``selection``: ``epochs_per_pass`` epochs of it, each
@@ -98,7 +112,7 @@ def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = Fa
     # to disk when larger than it): reading again every epoch costs more than it saves. Shuffle
     # the encoded rows, not decoded tensors: a small selection fully for every epoch, a pool by
     # blocks (~250 rows) in a new random order for every epoch.
-    ds = read_selected(selection).materialize()
+    ds = _read_once(selection)
     ds = repeat(ds.random_shuffle() if full_shuffle else ds.randomize_block_order(), epochs_per_pass)
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)

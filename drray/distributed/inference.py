@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from drray.distributed.datasets import DATA_TASK_CPUS, Selection, read_selected, to_model_inputs
+from drray.distributed.datasets import Selection, read_selected, to_model_inputs
+from drray.distributed.resources import DATA_TASK_CPUS, check_fits, inference_demand
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,6 @@ def predictions(sets: dict[str | None, Selection], models: dict[str, str], infer
 
 def check_resources(inference: Inference, what: str) -> None:
     """Fail early, naming the setting, instead of waiting forever for actors that cannot be
-    placed (or for read tasks starved by actors holding every CPU: ray issue #44687)."""
-    import ray
-
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    if inference.use_gpu and gpus < inference.concurrency:
-        raise ValueError(f"{what}.use_gpu with {what}.concurrency={inference.concurrency} needs that many GPUs; "
-                         f"the Ray cluster has {gpus:g}: lower {what}.concurrency or set {what}.use_gpu=false")
-    needed = inference.concurrency * inference.cpus_per_actor
-    if needed + DATA_TASK_CPUS > cpus:
-        raise ValueError(f"{what}: {inference.concurrency} actor(s) x {inference.cpus_per_actor} CPU leave no CPU "
-                         f"for the decode tasks (the Ray cluster has {cpus:g}): lower {what}.concurrency or "
-                         f"{what}.cpus_per_actor")
+    placed (or for decode tasks starved by actors holding every CPU)."""
+    check_fits(inference_demand(inference.concurrency, inference.cpus_per_actor, inference.use_gpu, what),
+               f"lower {what}.concurrency or {what}.cpus_per_actor, or set {what}.use_gpu=false")

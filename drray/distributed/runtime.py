@@ -22,7 +22,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once: join ``RAY_ADDRESS`` when set (a cluster), else start a local one."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # in the driver after a first call, or inside a Ray task/actor (a Tune trial)
+        _quiet_ray_data()
         return
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -37,7 +38,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
     log.info("starting Ray (%s)", address or "local")
     ray.init(address=address, **kwargs)
-    # drray shows its own one-line progress; Ray Data's per-operator bars and INFO lines
-    # would bury it.
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """drray shows its own one-line progress; Ray Data's per-operator bars and INFO lines would
+    bury it. (Per process: the DataContext is not shared with Ray's worker processes.)"""
+    import ray.data
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

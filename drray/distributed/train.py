@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from drray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
+from drray.distributed.resources import Demand, check_fits, training_demand
 from drray.engine.checkpoint import load_training_state, save_checkpoint
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
@@ -67,6 +68,9 @@ class Scaling:
     cpus_per_worker: int = 1
     keep_checkpoints: int = 2
     max_failures: int = 2
+
+    def demand(self, what: str) -> Demand:
+        return training_demand(self.num_workers, self.cpus_per_worker, self.use_gpu, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +254,8 @@ def fit_stage(run: StageRun, datasets: dict, scaling: Scaling, storage: str | Pa
     for path in (run.out_dir, run.init_backbone, run.init_model):
         if path and not Path(path).is_absolute():
             raise ValueError(f"{run.name}: {path} must be an absolute path (workers have their own cwd)")
+    check_fits(scaling.demand(f"the {run.name} stage"),
+               "lower scaling.num_workers or scaling.cpus_per_worker in its config section, or set scaling.use_gpu=false")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run": run},

@@ -1,0 +1,236 @@
+"""``drray run sweep``: how much does each labeled image buy, and how much does
+self-supervision save? The pipeline's label-dependent stages repeated over label fractions (or
+counts) x seeds with Ray Tune, all from ONE SimCLR pretraining.
+
+    prepare, pretrain (once, shared)  ->  Ray Tune: one trial per (fraction, seed):
+        teacher -> supervised -> pseudolabel -> distill -> student -> evaluate -> report
+    ->  RUN/sweep.parquet, RUN/sweep.md, RUN/figures/sweep_auc.png, RUN/report.{md,html}
+
+Every trial is a pipeline run of its own in ``RUN/trials/<trial>/`` (models, metrics.json,
+report, pipeline.json, trial.log) whose stage outputs live in the sweep's stage cache
+(``run.stages``, by default RUN itself): the pretraining each trial asks for is the one the
+sweep ran before Tune started, found by its key, never run again. Labeled subsets are nested
+across fractions for a seed (drray.data.splits), so a larger fraction adds images to a smaller
+one's. Rerunning the same command resumes: finished trials are restored from Tune's experiment
+(not rerun), unfinished ones continue from their finished stages and Ray Train checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
+from drray.config import Config, run_dir, stages_dir, to_dict
+from drray.distributed.resources import Demand, cluster_capacity, inference_demand, training_demand
+from jobs import common, pipeline, report
+
+TRAINING_SECTIONS = ("finetune", "supervised", "distill", "student_finetune")
+INFERENCE_SECTIONS = ("pseudolabel", "evaluate")
+
+
+# --- the grid ----------------------------------------------------------------------------------
+
+
+def grid(cfg: Config) -> list[dict]:
+    """One trial per (fraction or count, seed), each with a readable unique name."""
+    s = cfg.sweep
+    if bool(s.fractions) == bool(s.counts):
+        raise ValueError("sweep: give exactly one of sweep.fractions (e.g. [0.01, 0.02, 0.05]) and sweep.counts")
+    if not s.seeds:
+        raise ValueError("sweep.seeds is empty: give at least one seed, e.g. [0, 1, 2]")
+    for f in s.fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"sweep.fractions: {f} is not in (0, 1]")
+    if s.concurrent_trials < 1:
+        raise ValueError("sweep.concurrent_trials must be at least 1")
+    trials = []
+    for seed in s.seeds:
+        for f in s.fractions:
+            trials.append({"name": f"frac{f:g}-seed{seed}", "fraction": f, "count": None, "seed": seed})
+        for n in s.counts:
+            trials.append({"name": f"n{n}-seed{seed}", "fraction": None, "count": n, "seed": seed})
+    return trials
+
+
+def trial_config(base: Config, trial: dict) -> Config:
+    """The base config with the trial's labels, its own run dir and the sweep's stage cache."""
+    labels = dataclasses.replace(base.labels, fraction=trial["fraction"], count=trial["count"], seed=trial["seed"])
+    run = dataclasses.replace(base.run, dir=str(trial_dir(base, trial["name"])),
+                              stages=str(stages_dir(base).resolve()))
+    return dataclasses.replace(base, labels=labels, run=run)
+
+
+def trial_dir(base: Config, name: str) -> Path:
+    return (run_dir(base) / "trials" / name).resolve()
+
+
+def experiment_name(cfg: Config, trials: list[dict]) -> str:
+    """Same grid and settings -> same Tune experiment (restored on a rerun); a changed setting
+    starts a new one (its trials still reuse every stage the change leaves valid). Where the
+    run lives and how many trials run at once do not count."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "sweep")}
+    return "tune-" + common.key_of(trials, settings, cfg.run.seed)
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+
+def trial_demand(cfg: Config) -> Demand:
+    """A trial's peak: its own process plus the largest of the stages it runs one after another."""
+    stages = [training_demand(getattr(cfg, n).scaling.num_workers, getattr(cfg, n).scaling.cpus_per_worker,
+                              getattr(cfg, n).scaling.use_gpu, f"{n}.scaling") for n in TRAINING_SECTIONS]
+    stages += [inference_demand(getattr(cfg, n).concurrency, getattr(cfg, n).cpus_per_actor,
+                                getattr(cfg, n).use_gpu, n) for n in INFERENCE_SECTIONS]
+    largest = max(stages, key=lambda d: (d.cpus, d.gpus))
+    return Demand(cfg.sweep.trial_cpus + largest.cpus, max(d.gpus for d in stages), largest.what)
+
+
+def check_sweep_fits(cfg: Config, capacity: Demand) -> None:
+    """Fail before Tune starts, saying what is missing: Tune would wait forever for trials
+    (or their Train workers) that the cluster cannot place."""
+    one = trial_demand(cfg)
+    n = cfg.sweep.concurrent_trials
+    need = one.times(n)
+    fit = int(min(capacity.cpus // one.cpus if one.cpus else n,
+                  capacity.gpus // one.gpus if one.gpus else n))
+    if need.cpus <= capacity.cpus and need.gpus <= capacity.gpus:
+        return
+    what = (f"a trial needs {one.cpus:g} CPUs{f' and {one.gpus:g} GPUs' if one.gpus else ''} at its peak "
+            f"(sweep.trial_cpus {cfg.sweep.trial_cpus:g} + its largest stage, {one.what}, with its data tasks)")
+    have = f"the Ray cluster has {capacity.cpus:g} CPUs and {capacity.gpus:g} GPUs"
+    if fit < 1:
+        raise ValueError(f"sweep: {what}; {have}. Lower that stage's scaling or sweep.trial_cpus, or add nodes.")
+    raise ValueError(f"sweep: {n} concurrent trials need {need.cpus:g} CPUs and {need.gpus:g} GPUs: {what}; "
+                     f"{have}. Set sweep.concurrent_trials={fit} or add nodes.")
+
+
+# --- the trial (runs in a Ray Tune actor) ------------------------------------------------------
+
+
+def trial(config: dict, base: Config, cwd: str, experiment: str) -> dict:
+    """One trial: the pipeline at the trial's labels. Its progress goes to trial.log and, a line
+    per stage, to Tune (and so to the sweep's console). A trial that already finished for this
+    experiment (its trial.json says so) returns at once: Tune saves its own state every ~10 s,
+    so a sweep killed just after a trial ended would otherwise run that trial again."""
+    from ray import tune
+
+    os.chdir(cwd)  # Tune starts trials in a directory of their own; the config's paths are relative to cwd
+    spec = config["trial"]
+    cfg = trial_config(base, spec)
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    finished = finished_trial(out, experiment)
+    with (out / "attempts.jsonl").open("a") as attempts:  # one line per attempt: retries are visible
+        attempts.write(json.dumps({"pid": os.getpid(), "started": time.time(), "experiment": experiment,
+                                   "already_finished": finished is not None}) + "\n")
+    if finished is None:
+        with (out / "trial.log").open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+            pipeline.run(cfg, on_stage=lambda name, status: tune.report({"stage": name, "status": status}))
+        finished = {**trial_record(cfg, spec), "experiment": experiment}
+        atomic_write_json(out / "trial.json", finished)
+    return {"stage": "trial", "status": "finished", "seconds": finished["seconds"]}
+
+
+def finished_trial(out: Path, experiment: str) -> dict | None:
+    """The trial's record if it finished under this experiment (the same settings), else None."""
+    path = out / "trial.json"
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record and record.get("experiment") == experiment else None
+
+
+def trial_record(cfg: Config, spec: dict) -> dict:
+    """What the sweep table keeps of a finished trial (from the files its pipeline wrote)."""
+    out = run_dir(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    subset = common.labeled_subset(cfg)
+    invocations = json.loads((out / "pipeline.json").read_text())["invocations"]
+    seconds = sum(s["seconds"] for inv in invocations for s in inv["stages"])
+    results = [{"method": r["model"], "test_set": r["test_set"], "auc": r["auc"], "ci_low": r["auc_ci"][0],
+                "ci_high": r["auc_ci"][1], "n": r["n"], "positives": r["positives"]} for r in metrics["results"]]
+    return {**spec, "labeled": len(subset.labeled), "available": _available(cfg), "seconds": round(seconds, 1),
+            "attempts": len((out / "attempts.jsonl").read_text().splitlines()), "results": results}
+
+
+def _available(cfg: Config) -> int:
+    """Labeled train images a fraction is a fraction of (the validation hold-out left out)."""
+    from drray.data.shards import read_index
+
+    rows = [r for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train" and r["grade"] is not None]
+    return len(rows) - cfg.labels.val_count
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def run(cfg: Config) -> dict:
+    from drray.distributed.tune import run_grid
+
+    trials = grid(cfg)
+    out = run_dir(cfg).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+    record = pipeline.Invocations(out / "sweep.json")
+    say = lambda text: print(f"[sweep] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"{len(trials)} trials ({', '.join(t['name'] for t in trials)}) from one pretraining")
+    stage_of = {name: stage for name, _, stage in pipeline.STAGES}
+    for name in ("prepare", "pretrain"):
+        stage = stage_of[name]
+        say(f"shared stage: {name}")
+        started = time.time()
+        record.stage(name, "running", started)
+        result = stage(cfg)
+        record.stage(name, "skipped" if result.get("skipped") else "ran", started, result)
+    for spec in trials:  # a fraction or count the data cannot give fails here, not in a trial
+        common.labeled_subset(trial_config(cfg, spec))
+    check_sweep_fits(cfg, cluster_capacity())
+    started = time.time()
+    record.stage("trials", "running", started)
+    from ray import tune
+
+    experiment = experiment_name(cfg, trials)
+    outcomes = run_grid(tune.with_parameters(trial, base=cfg, cwd=os.getcwd(), experiment=experiment), trials,
+                        storage=out / "tune", experiment=experiment,
+                        trial_cpus=cfg.sweep.trial_cpus, concurrent=cfg.sweep.concurrent_trials,
+                        max_failures=cfg.sweep.max_failures)
+    failed = [o for o in outcomes if o.status != "finished"]
+    record.stage("trials", "failed" if failed else "ran", started)
+    table = write_results(cfg, trials, outcomes, experiment)
+    record.finish("failed" if failed else "complete")
+    if failed:
+        raise ValueError(f"sweep: {len(failed)} of {len(trials)} trials failed after their retries: "
+                         + "; ".join(f"{o.name} ({o.error}, log {trial_dir(cfg, o.name) / 'trial.log'})" for o in failed)
+                         + f". The others' results are in {out}/sweep.md; rerun the same command to retry the failed.")
+    return {"run_dir": str(out), "trials": len(trials), "rows": table, "sweep": str(out / "sweep.md"),
+            "report": str(out / "report.md")}
+
+
+def write_results(cfg: Config, trials: list[dict], outcomes, experiment: str) -> int:
+    """RUN/sweep.parquet (one row per trial x method x test set), RUN/sweep.md, the figure and
+    the run report, from the finished trials' trial.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = run_dir(cfg).resolve()
+    rows = []
+    for spec in trials:
+        t = finished_trial(trial_dir(cfg, spec["name"]), experiment)
+        if t is None:
+            continue
+        fraction = t["fraction"] if t["fraction"] is not None else t["labeled"] / t["available"]
+        for r in t["results"]:
+            rows.append({"trial": t["name"], "fraction": fraction, "count": t["labeled"], "seed": t["seed"], **r,
+                         "trial_seconds": t["seconds"]})
+    table = pa.Table.from_pylist(rows, schema=report.SWEEP_SCHEMA)
+    tmp = out / f".sweep.parquet.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "sweep.parquet")
+    atomic_write_json(out / "sweep_trials.json", [dataclasses.asdict(o) for o in outcomes])
+    atomic_write_text(out / "sweep.md", report.sweep_markdown(out))
+    report.build(out)
+    return len(rows)
