@@ -10,12 +10,14 @@ validation AUC (``best/``) and writes the final model (``model/``) into the stag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -272,7 +274,7 @@ def fit_stage(run: StageRun, datasets: dict, scaling: Scaling, storage: str | Pa
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    with _EpochPrinter(Path(run.out_dir) / "metrics.jsonl", run.name, run.epochs):
+    with _EpochPrinter(Path(run.out_dir) / "metrics.jsonl", run.name, run.epochs), _sigint_handler_kept():
         result = trainer.fit()
     if result.error:
         raise result.error
@@ -280,6 +282,23 @@ def fit_stage(run: StageRun, datasets: dict, scaling: Scaling, storage: str | Pa
     atomic_write_json(Path(run.out_dir) / "done.json", {"stage": run.name, "metrics": metrics,
                                                         "run": _run_record(run)})
     return metrics
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Put back the SIGINT handler that ``fit()`` replaces. Ray Train 2.60 installs one (in the
+    main thread) whose closure holds the run's controller actor, so the controller, its
+    DatasetManager and SplitCoordinator stayed alive after the run until the next fit replaced
+    the handler: measured here, a finished stage's actors polled (the coordinator at up to a
+    full core) through the whole next stage, and through a whole sweep after its pretraining."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _EpochPrinter:
