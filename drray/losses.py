@@ -71,3 +71,54 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, gather: bool = False) ->
 def binary_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean BCE-with-logits in float32; targets may be soft labels in [0, 1] (pseudo-labels)."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+# --- semi-supervised baselines (binary, sigmoid forms) -----------------------------------------
+
+
+def fixmatch_targets(weak_logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """FixMatch's pseudo-labels from the weak view: p = sigmoid(z), target 1[p >= 0.5], kept
+    where the model is confident, max(p, 1 - p) >= threshold. No gradient flows through them."""
+    p = torch.sigmoid(weak_logits.detach().float())
+    return (p >= 0.5).float(), (torch.maximum(p, 1 - p) >= threshold).float()
+
+
+def fixmatch_unlabeled_loss(strong_logits: Tensor, weak_logits: Tensor, threshold: float) -> Tensor:
+    """BCE of the strong view against the weak view's confident hard labels, averaged over ALL
+    unlabeled images (masked ones count as zero), as in Sohn et al. (2020), eq. 4."""
+    targets, mask = fixmatch_targets(weak_logits, threshold)
+    per_image = F.binary_cross_entropy_with_logits(strong_logits.float(), targets, reduction="none")
+    return (per_image * mask).mean()
+
+
+def sharpen(p: Tensor, temperature: float) -> Tensor:
+    """MixMatch's sharpening for a binary probability: p^(1/T) / (p^(1/T) + (1 - p)^(1/T))."""
+    a, b = p.pow(1 / temperature), (1 - p).pow(1 / temperature)
+    return a / (a + b)
+
+
+def mixup_weights(n: int, alpha: float) -> Tensor:
+    """Per-example MixUp weights lambda' = max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha)
+    (torch's global generator, seeded per worker): the mixed example stays closer to its first
+    input (MixMatch, eq. 9)."""
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,))
+    return torch.maximum(lam, 1 - lam)
+
+
+def linear_rampup(step: int, rampup_steps: int) -> float:
+    """MixMatch's unlabeled-loss weight schedule: 0 -> 1 linearly over ``rampup_steps``."""
+    return 1.0 if rampup_steps <= 0 else min(1.0, max(0.0, step / rampup_steps))
+
+
+def mixmatch_losses(labeled_logits: Tensor, labeled_targets: Tensor, unlabeled_logits: Tensor,
+                    unlabeled_targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(L_x, L_u): BCE on the mixed labeled batch (soft targets) and the squared error between
+    the mixed unlabeled batch's probabilities and its mixed guessed labels (MixMatch, eqs. 3-5)."""
+    lx = F.binary_cross_entropy_with_logits(labeled_logits.float(), labeled_targets.float())
+    lu = F.mse_loss(torch.sigmoid(unlabeled_logits.float()), unlabeled_targets.float())
+    return lx, lu
+
+
+def sigmoid_logit(p: Tensor) -> Tensor:
+    """The logit whose sigmoid is ``p`` (for tests and for turning probabilities into logits)."""
+    return torch.log(p) - torch.log1p(-p)
