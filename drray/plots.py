@@ -72,14 +72,18 @@ def sweep_figure(panels: dict[str, dict[str, list[tuple[float, float, float, lis
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False, sharey=True)
     for ax, (title, methods) in zip(axes[0], panels.items(), strict=True):
+        fractions = sorted({p[0] for points in methods.values() for p in points})
         for i, (method, points) in enumerate(methods.items()):
-            x = [p[0] for p in points]
+            dodge = 1 + 0.025 * (i - (len(methods) - 1) / 2)  # methods side by side at each fraction
+            x = [p[0] * dodge for p in points]
             ax.errorbar(x, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
                         color=f"C{i}", label=method)
-            for fraction, _, _, aucs in points:
-                ax.scatter([fraction] * len(aucs), aucs, s=8, alpha=0.35, color=f"C{i}")
+            for (fraction, _, _, aucs) in points:
+                ax.scatter([fraction * dodge] * len(aucs), aucs, s=8, alpha=0.35, color=f"C{i}")
         ax.set(xscale="log", xlabel="labeled fraction of the train split", title=title)
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(fractions, [f"{100 * f:.3g}%" for f in fractions])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes[0][0].set_ylabel("test AUC (mean +- sd over seeds)")
     axes[0][0].legend(fontsize=8, loc="lower right")

@@ -261,7 +261,7 @@ def sweep_blocks(run: Path) -> list[tuple]:
                 cells.append(f"{s['mean']:.3f} +- {s['sd']:.3f} ({len(s['aucs'])})" if s else "")
             table.append(cells)
         if any(any(c for c in row[1:]) for row in table):
-            blocks += [("p", f"{title} test set:"), ("table", ["labels"] + methods, table)]
+            blocks += [("p", f"{title}: AUC mean +- sd (n seeds)"), ("table", ["labels"] + methods, table)]
     panels = {title: {m: [(f, summary[(ts, m, f, c)]["mean"], summary[(ts, m, f, c)]["sd"],
                            summary[(ts, m, f, c)]["aucs"]) for f, c in levels if (ts, m, f, c) in summary]
                       for m in methods}
