@@ -162,6 +162,11 @@ class FinetuneConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
+    # Early stopping on validation AUC (the Voets et al. replication's supervised baseline):
+    # stop once `patience` epochs in a row did not beat the best AUC by more than `min_delta`.
+    # None: train every epoch. The model kept is the best by validation AUC either way.
+    patience: int | None = None
+    min_delta: float = 0.0
 
 
 @dataclass(frozen=True)

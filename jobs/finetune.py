@@ -75,7 +75,8 @@ def run(cfg: Config, section_name: str = "finetune") -> dict:
         cfg, section, section_name, name=name, out=out, spec=spec, step="classify", n_rows=len(subset.labeled),
         init_model=str(start) if whole_model else None,
         init_backbone=str(start) if start is not None and not whole_model else None,
-        validate=bool(subset.validation),
+        validate=bool(subset.validation), patience=section.patience if subset.validation else None,
+        min_delta=section.min_delta,
     )
     prepared = cfg.data.eyepacs.prepared
     datasets = {

@@ -158,3 +158,17 @@ def test_forget_after_drops_epochs_that_will_be_trained_again(tmp_path):
     _forget_after(tmp_path, 1)
     assert records(tmp_path) == lines[:2]
     assert not (tmp_path / "best").exists()
+
+
+def test_supervised_baseline_stops_early_on_validation_auc(tmp_path, ray_session):
+    """patience 1 with a gain no AUC can make (min_delta 1): epoch 2 cannot beat epoch 1, so
+    the stage stops after 2 of its 5 epochs and keeps the best model."""
+    from jobs import finetune
+
+    cfg = load_config(CI, [f"run.dir={tmp_path}", "supervised.epochs=5", "supervised.patience=1",
+                           "supervised.min_delta=1.0"])
+    out = Path(finetune.run_supervised(cfg)["dir"])
+    assert epochs(out) == [0, 1]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["after_epoch"] for r in lines if r.get("event") == "stopped_early"] == [1]
+    assert (out / "best" / "model.pt").is_file() and (out / "model" / "model.pt").is_file()

@@ -35,6 +35,7 @@ from drray.engine.loop import make_scaler, predict, resolve_precision, train_epo
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
 from drray.engine.optim import build_optimizer, build_scheduler
 from drray.engine.steps import classify_step, simclr_step
+from drray.engine.stopping import should_stop
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class StageRun:
     checkpoint_every: int = 1
     seed: int = 0
     epochs_per_pass: int = 1  # epochs in one pass of the "train" dataset (datasets.repeat)
+    patience: int | None = None  # early stopping on val_auc (engine.stopping); None: every epoch
+    min_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,33 @@ def train_worker(config: dict) -> dict:
         if run.validate and rank == 0:
             metrics["val_auc"] = _validation_auc(model, run, device, dtype)
         _report(run, rank, epoch, metrics, model, optimizer, scheduler, scaler)
+        if run.patience is not None and epoch < run.epochs - 1 and _stop_early(run, rank, epoch):
+            break
     if rank == 0:
         _finish(run, model, metrics)
     return metrics
+
+
+def _stop_early(run: StageRun, rank: int, epoch: int) -> bool:
+    """Rank 0 decides from the validation AUCs in metrics.jsonl (so a resumed run decides as
+    the uninterrupted one would) and tells the other ranks: all must stop at the same epoch."""
+    import torch.distributed as dist
+
+    stop = False
+    if rank == 0:
+        path = Path(run.out_dir) / "metrics.jsonl"
+        history = [r.get("val_auc") for r in map(json.loads, path.read_text().splitlines()) if "epoch" in r]
+        stop = should_stop(history, run.patience, run.min_delta)
+        if stop:
+            _append_metrics(Path(run.out_dir), {"event": "stopped_early", "after_epoch": epoch, "patience": run.patience,
+                                                "min_delta": run.min_delta, "time": time.time()})
+            log.info("%s: stopped early after epoch %d (no val_auc gain > %g in %d epochs)",
+                     run.name, epoch + 1, run.min_delta, run.patience)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        decision = [stop]
+        dist.broadcast_object_list(decision, src=0)
+        stop = decision[0]
+    return stop
 
 
 def _initial_model(run: StageRun) -> torch.nn.Module:
@@ -346,6 +373,9 @@ class _EpochPrinter:
                 continue
             if record.get("event") == "resumed":
                 text = f"resumed from the checkpoint after epoch {record['epochs_done']}"
+            elif record.get("event") == "stopped_early":
+                text = (f"stopped early after epoch {record['after_epoch'] + 1}: validation AUC did not improve by more "
+                        f"than {record['min_delta']:g} in {record['patience']} epochs")
             else:
                 text = f"epoch {record['epoch'] + 1}/{self.epochs}: {_brief(record)}"
             print(f"[{self.name}] {text}", file=sys.stderr, flush=True)

@@ -171,3 +171,18 @@ def test_uint8_images_are_normalised_on_the_device():
     assert out["image"].dtype == torch.float32
     assert torch.allclose(out["image"][0, :, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
     assert out["target"].dtype == torch.float32
+
+
+def test_early_stopping_rule_by_hand():
+    from drray.engine.stopping import should_stop
+
+    assert not should_stop([0.6, 0.7, 0.69], patience=2)
+    assert should_stop([0.6, 0.7, 0.69, 0.70], patience=2)  # 0.70 does not beat 0.70
+    assert not should_stop([0.6, 0.7, 0.69, 0.71], patience=2)
+    # min_delta: 0.705 is not enough of a gain over 0.70, and the best stays 0.70
+    assert should_stop([0.6, 0.7, 0.705, 0.709], patience=2, min_delta=0.01)
+    assert not should_stop([0.6, 0.7, 0.705, 0.711], patience=2, min_delta=0.01)
+    assert should_stop([0.6, None, None], patience=2)  # no validation AUC counts as no gain
+    assert not should_stop([], patience=1)
+    with pytest.raises(ValueError, match="patience"):
+        should_stop([0.5], patience=0)
