@@ -112,7 +112,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     warmup_epochs: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "fixmatch_cosine"] = "constant"  # fixmatch_cosine: cos(7 pi k / 16 K)
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,23 @@ def test_ema_update_by_hand():
     assert not any(p.requires_grad for p in ema.model.parameters())
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_weak_and_strong_views():
+    from drray.data.transforms import Cutout, strong_view, weak_view
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    image[image == 127] = 128  # so that 127 marks Cutout's square
+    weak = [weak_view()(image) for _ in range(20)]
+    assert all(w.shape == image.shape and w.dtype == torch.uint8 for w in weak)
+    assert any(not torch.equal(w, image) for w in weak)
+    # a weak view only moves pixels (flip + translation, zero fill): no new values appear
+    assert all(set(w.unique().tolist()) <= set(image.unique().tolist()) | {0} for w in weak)
+    strong = [strong_view()(image) for _ in range(20)]
+    assert all(s.shape == image.shape and s.dtype == torch.uint8 for s in strong)
+    assert all((s == 127).all(dim=0).any() for s in strong)  # every strong view has its grey square
+    assert len({s.numpy().tobytes() for s in strong}) == 20  # fresh random draws per call
+    square = Cutout(max_side=0.5)(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    side_pixels = int((square == 127).all(dim=0).sum())
+    assert 1 <= side_pixels <= 16 * 16

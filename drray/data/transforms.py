@@ -68,6 +68,48 @@ def train_noise(jitter: float = 0.4) -> v2.Compose:
     ])
 
 
+def weak_view(translate: float = 0.125) -> v2.Compose:
+    """FixMatch's and MixMatch's weak augmentation: a horizontal flip and a translation of up to
+    ``translate`` of the side (12.5% in both papers)."""
+    return v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomAffine(degrees=0, translate=(translate, translate))])
+
+
+class RandAugmentAnyMagnitude(torch.nn.Module):
+    """RandAugment with a magnitude drawn anew for every image (FixMatch's "RA" variant),
+    not one fixed magnitude for the whole run."""
+
+    def __init__(self, num_ops: int = 2, bins: int = 31):
+        super().__init__()
+        self.num_ops, self.bins = num_ops, bins
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        magnitude = int(torch.randint(1, self.bins, ()))
+        return v2.RandAugment(self.num_ops, magnitude=magnitude, num_magnitude_bins=self.bins)(image)
+
+
+class Cutout(torch.nn.Module):
+    """A grey square (value 127) of side up to ``max_side`` of the image's, at a random centre
+    (clipped at the border), as FixMatch applies after RandAugment."""
+
+    def __init__(self, max_side: float = 0.5):
+        super().__init__()
+        self.max_side = max_side
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        side = max(1, int(round(float(torch.rand(())) * self.max_side * min(h, w))))
+        cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+        out = image.clone()
+        out[..., max(0, cy - side // 2):cy + (side + 1) // 2, max(0, cx - side // 2):cx + (side + 1) // 2] = 127
+        return out
+
+
+def strong_view(num_ops: int = 2, cutout: float = 0.5) -> v2.Compose:
+    """FixMatch's strong augmentation: the weak view, RandAugment (``num_ops`` operations at a
+    random magnitude), then Cutout."""
+    return v2.Compose([weak_view(), RandAugmentAnyMagnitude(num_ops), Cutout(cutout)])
+
+
 def evaluation() -> v2.Compose:
     return v2.Compose([v2.Identity()])
 

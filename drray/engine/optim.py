@@ -54,7 +54,8 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, mom
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
-    """Multiplier of the base learning rate at ``step``: linear warm-up, then constant or cosine."""
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then constant, cosine
+    (to 0), or FixMatch's cos(7 pi k / 16 K) (to cos(7 pi / 16) = 0.2 of the base)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -63,7 +64,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str 
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {schedule!r}: choose constant or cosine")
+    if schedule == "fixmatch_cosine":
+        return math.cos(7 * math.pi * min(step, total_steps) / (16 * max(1, total_steps)))
+    raise ValueError(f"unknown schedule {schedule!r}: choose constant, cosine or fixmatch_cosine")
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, schedule: str):

@@ -22,6 +22,8 @@ def test_lr_factor_warmup_then_cosine():
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(50, 100, 0, "constant") == 1.0
+    assert lr_factor(0, 100, 0, "fixmatch_cosine") == 1.0  # FixMatch: cos(7 pi k / 16 K)
+    assert lr_factor(100, 100, 0, "fixmatch_cosine") == pytest.approx(math.cos(7 * math.pi / 16))
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor(1, 10, 0, "step")
 
