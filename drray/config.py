@@ -220,6 +220,60 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class SemiSupervisedConfig:
+    """What the FixMatch and MixMatch baselines share: a classifier trained from scratch (or
+    ImageNet) on the labeled subset plus the whole train split as unlabeled data (the labeled
+    images included, as both papers do), evaluated with an EMA of its weights."""
+
+    backbone: str = "resnet50"  # Table 1: ResNet50 for both
+    init: Literal["random", "imagenet"] = "random"
+    weights: str | None = None
+    epochs: int = 100  # passes over the unlabeled set
+    batch_size: int = 64  # labeled images per step (global); the unlabeled batch is mu x this
+    mu: int = 7
+    lambda_u: float = 1.0  # weight of the unlabeled loss
+    ema_decay: float = 0.999  # the evaluated (and published) model is this EMA of the weights
+    dropout: float = 0.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="fixmatch_cosine"))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class FixMatchConfig(SemiSupervisedConfig):
+    """Baseline: FixMatch (Sohn et al. 2020) in binary sigmoid form: the weak view's confident
+    predictions (max(p, 1-p) >= threshold) are hard targets for the strong view."""
+
+    threshold: float = 0.95
+    randaugment_ops: int = 2  # RandAugment operations per strong view (random magnitude each)
+    cutout: float = 0.5  # Cutout's largest square side, as a fraction of the image side
+
+
+@dataclass(frozen=True)
+class MixMatchConfig(SemiSupervisedConfig):
+    """Baseline: MixMatch (Berthelot et al. 2019) in binary form: K weak views' mean prediction,
+    sharpened, as the guessed label; MixUp over labeled and unlabeled; MSE on the unlabeled part."""
+
+    mu: int = 1
+    lambda_u: float = 75.0  # the paper's CIFAR-10 value; ramped up linearly over rampup_epochs
+    rampup_epochs: int = 16
+    temperature: float = 0.5
+    alpha: float = 0.75
+    augmentations: int = 2  # K
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=2e-3))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What ``drray run pipeline`` (and each sweep trial) trains besides the paper's method and
+    the supervised baseline."""
+
+    baselines: tuple[Literal["fixmatch", "mixmatch"], ...] = ()
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """``drray run sweep``: the label-dependent stages repeated over label fractions (or counts)
     x seeds with Ray Tune, all from one shared pretraining. A seed draws the labeled subset
@@ -245,6 +299,9 @@ class Config:
     student_finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="distill"))
     # The supervised baseline: the same labels, no pretraining, no pseudo-labels.
     supervised: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(start_from="none"))
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # Where the config came from; not a YAML key. Relative paths in the file are relative

@@ -22,6 +22,8 @@ JOBS = {
     "distill": ("jobs.distill:run", "stage 3: train the student on the teacher's pseudo-labels"),
     "student-finetune": ("jobs.finetune:run_student", "stage 4: fine-tune the distilled student on the labels"),
     "supervised": ("jobs.finetune:run_supervised", "baseline: train on the labeled subset alone (no pretraining)"),
+    "fixmatch": ("jobs.semisupervised:run_fixmatch", "baseline: FixMatch on the labeled subset + the unlabeled pool"),
+    "mixmatch": ("jobs.semisupervised:run_mixmatch", "baseline: MixMatch on the labeled subset + the unlabeled pool"),
     "evaluate": ("jobs.evaluate:run", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots"),
     "pipeline": ("jobs.pipeline:run", "every stage above, then evaluate and RUN/report.md (finished stages skipped)"),
     "sweep": ("jobs.sweep:run", "the pipeline over sweep.fractions x sweep.seeds (Ray Tune), one shared pretraining"),

@@ -54,7 +54,7 @@ from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
 VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
-PIPELINE_MODELS = ("supervised", "teacher", "student")  # the order of tables and plots
+PIPELINE_MODELS = ("supervised", "mixmatch", "fixmatch", "teacher", "student")  # the order of tables and plots
 
 
 def models_of(cfg: Config) -> dict[str, Path]:

@@ -1,8 +1,8 @@
 """``drray run pipeline``: the paper's method end to end, plus the supervised baseline, then
 the evaluation and the report.
 
-    prepare -> pretrain -> teacher -> supervised -> pseudolabel -> distill -> student
-            -> models -> evaluate -> report
+    prepare -> pretrain -> teacher -> supervised -> baselines -> pseudolabel -> distill
+            -> student -> models -> evaluate -> report
 
 Each stage's output is keyed by its config and inputs (see jobs.common), and a finished stage
 is skipped: a rerun after a crash redoes only what is missing, a changed downstream setting
@@ -21,7 +21,17 @@ from pathlib import Path
 
 from drray.artifacts import atomic_write_json, write_resolved_config
 from drray.config import Config, run_dir
-from jobs import common, distill, evaluate, finetune, prepare, pretrain, pseudolabel, report
+from jobs import (
+    common,
+    distill,
+    evaluate,
+    finetune,
+    prepare,
+    pretrain,
+    pseudolabel,
+    report,
+    semisupervised,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +41,22 @@ def _prepare(cfg: Config) -> dict:
     return {"stage": "prepare", "datasets": datasets, "skipped": all(d["reused"] for d in datasets.values())}
 
 
+def _baselines(cfg: Config) -> dict:
+    """The semi-supervised baselines named in ``pipeline.baselines`` (none by default)."""
+    results = [semisupervised.run(cfg, method) for method in cfg.pipeline.baselines]
+    return {"stage": "baselines", "skipped": all(r.get("skipped") for r in results),
+            "dirs": {r["stage"]: r["dir"] for r in results}}
+
+
 def _models(cfg: Config) -> dict:
-    """Publish the final models as RUN/models/{teacher,student,supervised}."""
+    """Publish the final models as RUN/models/{teacher,student,supervised, and the baselines}."""
     manifest = common.prepared_eyepacs(cfg)
     published = {}
     for section, name in (("finetune", "teacher"), ("student_finetune", "student"), ("supervised", "supervised")):
         published[name] = str(common.publish_model(cfg, name, finetune.output_dir(cfg, section, manifest), manifest))
+    for method in cfg.pipeline.baselines:
+        published[method] = str(common.publish_model(cfg, method, semisupervised.output_dir(cfg, method, manifest),
+                                                     manifest))
     return {"stage": "models", "models": published}
 
 
@@ -47,6 +67,7 @@ STAGES: list[tuple[str, str, Callable[[Config], dict]]] = [
     ("pretrain", "SimCLR on the unlabeled pool", pretrain.run),
     ("teacher", "fine-tune the SimCLR backbone on the labeled subset", finetune.run),
     ("supervised", "baseline: the same labels, no pretraining", finetune.run_supervised),
+    ("baselines", "pipeline.baselines: FixMatch / MixMatch on the same labels and pool", _baselines),
     ("pseudolabel", "the teacher labels the pool", pseudolabel.run),
     ("distill", "the student learns the pseudo-labels", distill.run),
     ("student", "fine-tune the student on the labeled subset", finetune.run_student),

@@ -21,6 +21,8 @@ from drray.artifacts import atomic_write_text
 # The paper's Table 1 (2% = 1,000 EyePACS labels): (method, architecture, EyePACS test, Messidor-2)
 PAPER = {
     "supervised": ("Supervised", "InceptionV3", 0.88, 0.66),
+    "mixmatch": ("MixMatch", "ResNet50", 0.85, 0.64),
+    "fixmatch": ("FixMatch", "ResNet50", 0.83, 0.79),
     "teacher": ("SimCLR-Finetuned (Teacher)", "ResNet50", 0.92, 0.85),
     "student": ("SimCLR-Distilled (Student)", "DenseNet161", 0.94, 0.89),
 }

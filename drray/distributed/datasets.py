@@ -15,7 +15,9 @@ from drray.data.transforms import (
     decode_to_tensor,
     evaluation,
     simclr_view,
+    strong_view,
     train_noise,
+    weak_view,
 )
 from drray.distributed.resources import DATA_TASK_CPUS
 
@@ -25,12 +27,17 @@ class Selection:
     """Which rows of a prepared set, and what the pipeline makes of them."""
 
     prepared: str
-    mode: str  # "simclr": two views; "train": noisy image + target; "eval": clean image (+ target)
+    # "simclr": two views; "train": noisy image + target; "eval": clean image (+ target); "weak":
+    # flip + translate (+ target); "fixmatch": u_weak + u_strong; "mixmatch": u_view0..K-1
+    mode: str
     size: int  # image side (the prepared size, or the SimCLR crop size)
     split: str | None = "train"
     targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
     augment: AugmentSpec | None = None  # simclr mode
     jitter: float = 0.4  # train mode colour jitter
+    views: int = 2  # mixmatch mode: weak views per image (K)
+    strong_ops: int = 2  # fixmatch mode: RandAugment operations of the strong view
+    cutout: float = 0.5  # fixmatch mode: Cutout's largest side (fraction of the image side)
 
 
 def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
@@ -55,8 +62,14 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
         view = simclr_view(selection.augment)
         out["view1"] = apply_each(view, tensors, selection.size)
         out["view2"] = apply_each(view, tensors, selection.size)
+    elif selection.mode == "fixmatch":  # unlabeled: a weak and a strong view of each image
+        out["u_weak"] = apply_each(weak_view(), tensors, selection.size)
+        out["u_strong"] = apply_each(strong_view(selection.strong_ops, selection.cutout), tensors, selection.size)
+    elif selection.mode == "mixmatch":  # unlabeled: K weak views of each image
+        for k in range(selection.views):
+            out[f"u_view{k}"] = apply_each(weak_view(), tensors, selection.size)
     else:
-        transform = train_noise(selection.jitter) if selection.mode == "train" else evaluation()
+        transform = {"train": lambda: train_noise(selection.jitter), "weak": weak_view}.get(selection.mode, evaluation)()
         out["image"] = apply_each(transform, tensors, selection.size)
     if "target" in batch.column_names:
         out["target"] = batch.column("target").to_numpy().astype(np.float32)

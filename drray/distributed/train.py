@@ -31,10 +31,11 @@ import torch
 from drray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
 from drray.distributed.resources import Demand, check_fits, training_demand
 from drray.engine.checkpoint import load_training_state, save_checkpoint
+from drray.engine.ema import EMA
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
 from drray.engine.optim import build_optimizer, build_scheduler
-from drray.engine.steps import classify_step, simclr_step
+from drray.engine.steps import classify_step, fixmatch_step, mixmatch_step, simclr_step
 from drray.engine.stopping import should_stop
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ class StageRun:
     epochs_per_pass: int = 1  # epochs in one pass of the "train" dataset (datasets.repeat)
     patience: int | None = None  # early stopping on val_auc (engine.stopping); None: every epoch
     min_delta: float = 0.0
+    # FixMatch / MixMatch: the "unlabeled" dataset's batch per worker, the method's settings
+    # (engine.steps), and the decay of the weight average that is validated and published
+    unlabeled_batch: int = 0
+    ssl: dict | None = None
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ def train_worker(config: dict) -> dict:
                                 run.optim["schedule"])
     dtype = resolve_precision(run.precision, device)
     scaler = make_scaler(device, dtype)
+    ema = EMA(model, run.ema_decay) if run.ema_decay is not None else None
+    evaluated = ema.model if ema is not None else model  # what is validated, kept as best and published
 
     start, metrics = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -115,6 +123,8 @@ def train_worker(config: dict) -> dict:
         with checkpoint.as_directory() as d:
             done, metrics = load_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 scaler=scaler, restore_rng=single)
+            if ema is not None:
+                ema.load_state_dict(torch.load(Path(d) / EMA_FILE, map_location=device, weights_only=True))
         start = done + 1
         if not single:
             torch.manual_seed(run.seed * 1000 + rank + 7919 * start)
@@ -124,33 +134,61 @@ def train_worker(config: dict) -> dict:
             _append_metrics(out, {"event": "resumed", "epochs_done": start, "time": time.time()})
             log.info("%s: resumed after epoch %d (its checkpoint)", run.name, start)
 
-    step = simclr_step(run.temperature, run.gather) if run.step == "simclr" else classify_step
-    train_shard = ray.train.get_dataset_shard("train")
+    step = _step_of(run, steps_done=start * run.steps_per_epoch)
     stream = None
     for epoch in range(start, run.epochs):
         if stream is None or (epoch - start) % run.epochs_per_pass == 0:
             # One pass streams epochs_per_pass epochs; every rank starts passes at the same
             # epochs, so all ranks take the same number of equal batches (DDP needs that).
-            # No local shuffle buffer: rows are shuffled upstream, and a buffer here would copy
-            # every batch again in the training process.
-            stream = iter(train_shard.iter_batches(batch_size=run.batch_size, batch_format="numpy",
-                                                   drop_last=True, prefetch_batches=8))
+            stream = _batch_stream(run)
         batches = itertools.islice(stream, run.steps_per_epoch)
         metrics = train_epoch(model, batches, step, optimizer, scheduler, scaler, device=device, dtype=dtype,
-                              channels_last=run.channels_last)
+                              channels_last=run.channels_last,
+                              after_step=(lambda: ema.update(model)) if ema is not None else None)
         expected = run.steps_per_epoch * run.batch_size
         if metrics["images"] < expected:  # never train on a silently shortened epoch
             raise RuntimeError(f"{run.name} epoch {epoch}: the data pipeline delivered {metrics['images']} "
                                f"of {expected} images; is the selection smaller than counted?")
         metrics.update(epoch=epoch, torch_threads=torch.get_num_threads())
         if run.validate and rank == 0:
-            metrics["val_auc"] = _validation_auc(model, run, device, dtype)
-        _report(run, rank, epoch, metrics, model, optimizer, scheduler, scaler)
+            metrics["val_auc"] = _validation_auc(evaluated, run, device, dtype)
+        _report(run, rank, epoch, metrics, model, optimizer, scheduler, scaler, ema)
         if run.patience is not None and epoch < run.epochs - 1 and _stop_early(run, rank, epoch):
             break
     if rank == 0:
-        _finish(run, model, metrics)
+        _finish(run, evaluated, metrics)
     return metrics
+
+
+EMA_FILE = "ema.pt"  # in a training checkpoint, beside model.pt (the raw weights)
+
+
+def _step_of(run: StageRun, steps_done: int):
+    if run.step == "simclr":
+        return simclr_step(run.temperature, run.gather)
+    if run.step == "fixmatch":
+        return fixmatch_step(run.ssl["threshold"], run.ssl["lambda_u"])
+    if run.step == "mixmatch":
+        return mixmatch_step(run.ssl["temperature"], run.ssl["alpha"], run.ssl["lambda_u"],
+                             run.ssl["rampup_steps"], steps_done)
+    return classify_step
+
+
+def _batch_stream(run: StageRun):
+    """One pass of the "train" dataset's batches; for FixMatch/MixMatch each zipped with a batch
+    of the "unlabeled" dataset (the labeled dataset repeats enough to last the pass). No local
+    shuffle buffer: rows are shuffled upstream, and a buffer here would copy every batch again."""
+    import ray.train
+
+    def batches(name: str, size: int):
+        return ray.train.get_dataset_shard(name).iter_batches(batch_size=size, batch_format="numpy",
+                                                             drop_last=True, prefetch_batches=8)
+
+    labeled = batches("train", run.batch_size)
+    if not run.unlabeled_batch:
+        return iter(labeled)
+    # not strict: the labeled stream is the longer by design; a short epoch fails in train_worker
+    return ({**x, **u} for x, u in zip(labeled, batches("unlabeled", run.unlabeled_batch), strict=False))
 
 
 def _stop_early(run: StageRun, rank: int, epoch: int) -> bool:
@@ -201,7 +239,8 @@ def _validation_auc(model, run: StageRun, device, dtype) -> float | None:
     return float(roc_auc_score(targets, probs))
 
 
-def _report(run: StageRun, rank: int, epoch: int, metrics: dict, model, optimizer, scheduler, scaler) -> None:
+def _report(run: StageRun, rank: int, epoch: int, metrics: dict, model, optimizer, scheduler, scaler,
+            ema: EMA | None = None) -> None:
     """Checkpoint and report on every rank (the report is a barrier); rank 0 writes the files."""
     import ray.train
 
@@ -213,9 +252,11 @@ def _report(run: StageRun, rank: int, epoch: int, metrics: dict, model, optimize
             if due:
                 save_checkpoint(tmp, model=model, spec=run.spec, epoch=epoch, metrics=metrics,
                                 optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                if ema is not None:
+                    torch.save(ema.state_dict(), Path(tmp) / EMA_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             _append_metrics(Path(run.out_dir), {"stage": run.name, **metrics, "time": time.time()})
-            _keep_best(run, model, metrics)
+            _keep_best(run, ema.model if ema is not None else model, metrics)
             log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(metrics))
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
@@ -299,7 +340,8 @@ def fit_stage(run: StageRun, datasets: dict, scaling: Scaling, storage: str | Pa
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # every worker takes its share of the training data; validation runs on rank 0 alone
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
     )
     with _EpochPrinter(Path(run.out_dir) / "metrics.jsonl", run.name, run.epochs), _sigint_handler_kept():
         result = trainer.fit()

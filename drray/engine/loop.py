@@ -62,9 +62,10 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, optimizer, scheduler,
                 scaler, *, device: torch.device, dtype: torch.dtype | None,
-                channels_last: bool = False) -> dict:
+                channels_last: bool = False, after_step: Callable[[], None] | None = None) -> dict:
     """One pass over ``batches``; returns loss (mean per image), images, images/s, lr, and
-    data_wait_s: the time spent waiting for batches (a slow input pipeline shows here)."""
+    data_wait_s: the time spent waiting for batches (a slow input pipeline shows here).
+    ``after_step`` runs after every optimizer step (an EMA of the weights)."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
     waited, ready, first_wait = 0.0, start, None
@@ -79,6 +80,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         total += float(loss.detach()) * n
         seen += n
         ready = time.perf_counter()
