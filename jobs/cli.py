@@ -26,6 +26,7 @@ JOBS = {
     "mixmatch": ("jobs.semisupervised:run_mixmatch", "baseline: MixMatch on the labeled subset + the unlabeled pool"),
     "evaluate": ("jobs.evaluate:run", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots"),
     "pipeline": ("jobs.pipeline:run", "every stage above, then evaluate and RUN/report.md (finished stages skipped)"),
+    "table1": ("jobs.table1:run", "every row of the paper's Table 1 (pipeline + FixMatch, MixMatch, supervised at 100%)"),
     "sweep": ("jobs.sweep:run", "the pipeline over sweep.fractions x sweep.seeds (Ray Tune), one shared pretraining"),
 }
 
@@ -160,6 +161,9 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
             click.echo(format_summary(counts, counts["prepared_dir"]))
     elif job == "pipeline":
         click.echo(_pipeline_summary(result))
+    elif job == "table1":
+        click.echo(Path(result["table1"]).read_text())
+        click.echo(f"report: {result['report']}; table: {Path(result['table1']).with_suffix('.parquet')}")
     elif job == "sweep":
         click.echo(Path(result["sweep"]).read_text())
         click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")

@@ -77,16 +77,18 @@ STAGES: list[tuple[str, str, Callable[[Config], dict]]] = [
 ]
 
 
-def run(cfg: Config, on_stage: Callable[[str, str], None] | None = None) -> dict:
-    """Every stage in order; ``on_stage(name, status)`` hears of each start and end (a sweep's
-    trial passes them on to Ray Tune)."""
+def run(cfg: Config, on_stage: Callable[[str, str], None] | None = None, stages: list | None = None) -> dict:
+    """Every stage in order (``stages``: another list of (name, what, function), e.g. table1's);
+    ``on_stage(name, status)`` hears of each start and end (a sweep's trial passes them on to
+    Ray Tune)."""
+    stages = STAGES if stages is None else stages
     on_stage = on_stage or (lambda name, status: None)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     record = Invocations(out / "pipeline.json")
-    for number, (name, what, stage) in enumerate(STAGES, start=1):
-        print(f"[pipeline] stage {number}/{len(STAGES)}: {name}: {what}", file=sys.stderr, flush=True)
+    for number, (name, what, stage) in enumerate(stages, start=1):
+        print(f"[pipeline] stage {number}/{len(stages)}: {name}: {what}", file=sys.stderr, flush=True)
         started = time.time()
         record.stage(name, "running", started)
         on_stage(name, "running")

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 
 from drray.artifacts import atomic_write_text
 
-# The paper's Table 1 (2% = 1,000 EyePACS labels): (method, architecture, EyePACS test, Messidor-2)
+# The paper's Table 1 (2% = 1,000 EyePACS labels; supervised_100: all of them): (method, architecture, EyePACS test, Messidor-2)
 PAPER = {
+    "supervised_100": ("Supervised, 100% of the labels", "InceptionV3", 0.96, 0.88),
     "supervised": ("Supervised", "InceptionV3", 0.88, 0.66),
     "mixmatch": ("MixMatch", "ResNet50", 0.85, 0.64),
     "fixmatch": ("FixMatch", "ResNet50", 0.83, 0.79),
@@ -55,7 +56,7 @@ def build(run: str | Path) -> dict:
 
 def _blocks(run: Path) -> list[tuple]:
     metrics = json.loads((run / "metrics.json").read_text())
-    stages = _stage_entries(run)
+    stages = stage_entries(run)
     models = _models(run)
     blocks = _results(metrics, models)
     blocks += _ordering(metrics)
@@ -70,8 +71,9 @@ def _models(run: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((run / "models").glob("*/meta.json"))}
 
 
-def _labels_text(run: Path, stages: dict[str, dict]) -> str:
-    subset = Path(stages.get("teacher", {}).get("dir", "")) / "subset.json"
+def labels_text(run: Path, stages: dict[str, dict], stage: str = "teacher") -> str:
+    """The labeled subset a stage trained on, as a share of the train split and a count."""
+    subset = Path(stages.get(stage, {}).get("dir", "")) / "subset.json"
     count = len(json.loads(subset.read_text())["labeled"]) if subset.is_file() else None
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
     train = data.get("eyepacs", {}).get("by_split", {}).get("train")
@@ -163,7 +165,7 @@ def _figures(run: Path, stages: dict[str, dict]) -> list[tuple]:
     return blocks
 
 
-def _stage_entries(run: Path) -> dict[str, dict]:
+def stage_entries(run: Path) -> dict[str, dict]:
     """Per stage, its record from the latest pipeline invocation that ran it (its real cost)."""
     path = run / "pipeline.json"
     found: dict[str, dict] = {}
@@ -213,7 +215,7 @@ def _data(run: Path, stages: dict[str, dict]) -> list[tuple]:
         grades = ", ".join(f"{k}: {v}" for k, v in c["by_grade"].items())
         rejected = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
         rows.append([name, str(c["inputs"]), str(c["prepared"]), f"{c['rejected']} ({rejected})", splits, grades])
-    return [("h2", "Data"), ("p", f"Labeled subset: {_labels_text(run, stages)} of the EyePACS-style train split."),
+    return [("h2", "Data"), ("p", f"Labeled subset: {labels_text(run, stages)} of the EyePACS-style train split."),
             ("table", ["data set", "inputs", "prepared", "rejected", "splits", "grades"], rows)]
 
 

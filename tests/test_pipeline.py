@@ -154,3 +154,34 @@ def test_predict_gives_every_image_a_row(run, tmp_path):
     for bad in ("corrupt", "truncated", "black"):
         assert rows[bad]["status"] != "ok" and rows[bad]["reason"] and rows[bad]["prob"] is None
     assert "3 not graded" in result.stdout and "operating point" in result.stdout
+
+
+def test_table1_adds_the_baselines_and_the_full_label_row_to_the_same_run(run):
+    """`drray run table1` on the finished pipeline run: only FixMatch, MixMatch, the 100%-labels
+    supervised row, the evaluation and the tables are new; every row of the paper's Table 1 is
+    there with its CI and DeLong p against the student; the baselines publish their EMA weights."""
+    import torch
+
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "table1", "--config", str(CI), "--set", f"run.dir={run}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    status = statuses(invocations(run)[-1])
+    assert all(status[s] == "skipped" for s in ("pretrain", "teacher", "supervised", "distill", "student"))
+    assert status["baselines"] == status["supervised_100"] == status["evaluate"] == status["table1"] == "ran"
+    table = pq.read_table(run / "table1.parquet").to_pylist()
+    methods = ["supervised_100", "supervised", "mixmatch", "fixmatch", "teacher", "student"]
+    assert [r["method"] for r in table] == [m for m in methods for _ in ("eyepacs_test", "external")]
+    metrics = {(r["model"], r["test_set"]): r for r in json.loads((run / "metrics.json").read_text())["results"]}
+    for r in table:
+        assert r["auc"] == metrics[(r["method"], r["test_set"])]["auc"] and r["ci_low"] <= r["auc"] <= r["ci_high"]
+        assert (r["p_vs_student"] is None) == (r["method"] == "student") and r["paper_auc"] is not None
+    assert {r["labels"] for r in table if r["method"] == "supervised_100"} == {"83.3% (200)"}
+    assert {r["labels"] for r in table if r["method"] == "fixmatch"} == {"16.7% (40)"}
+    assert "| fixmatch |" in (run / "table1.md").read_text() and "| fixmatch |" in result.stdout
+    for method in ("fixmatch", "mixmatch"):  # the published weights are the EMA, not the raw weights
+        stage = next(run.glob(f"{method}-*"))
+        last = sorted(p for p in (run / "ray" / stage.name).glob("checkpoint_*") if p.is_dir())[-1]
+        ema, raw = (torch.load(last / f, weights_only=True) for f in ("ema.pt", "model.pt"))
+        published = torch.load(stage / "model" / "model.pt", weights_only=True)  # the last epoch's model
+        key = next(k for k in published if k.endswith("conv1.weight"))
+        assert torch.equal(published[key], ema[key]) and not torch.equal(published[key], raw[key])
