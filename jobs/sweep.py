@@ -83,8 +83,9 @@ def experiment_name(cfg: Config, trials: list[dict]) -> str:
 
 def trial_demand(cfg: Config) -> Demand:
     """A trial's peak: its own process plus the largest of the stages it runs one after another."""
+    training = TRAINING_SECTIONS + tuple(cfg.pipeline.baselines)
     stages = [training_demand(getattr(cfg, n).scaling.num_workers, getattr(cfg, n).scaling.cpus_per_worker,
-                              getattr(cfg, n).scaling.use_gpu, f"{n}.scaling") for n in TRAINING_SECTIONS]
+                              getattr(cfg, n).scaling.use_gpu, f"{n}.scaling") for n in training]
     stages += [inference_demand(getattr(cfg, n).concurrency, getattr(cfg, n).cpus_per_actor,
                                 getattr(cfg, n).use_gpu, n) for n in INFERENCE_SECTIONS]
     largest = max(stages, key=lambda d: (d.cpus, d.gpus))

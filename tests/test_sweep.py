@@ -79,6 +79,9 @@ def test_a_sweep_that_does_not_fit_the_cluster_says_what_is_missing():
                                  "distill.batch_size=32"])
     with pytest.raises(ValueError, match=r"2 GPUs.*has 4 CPUs and 0 GPUs.*add nodes"):
         sweep.check_sweep_fits(gpu, Demand(4.0))
+    baseline = load_config(SWEEP_CI, ["pipeline.baselines=[fixmatch]", "fixmatch.scaling.num_workers=2",
+                                      "fixmatch.batch_size=8"])
+    assert sweep.trial_demand(baseline) == Demand(3.0, 0, "fixmatch.scaling")  # a baseline's workers count too
 
 
 def test_sweep_summary_mean_and_sd_over_seeds():
