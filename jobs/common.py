@@ -56,6 +56,7 @@ def training_seed(cfg: Config, stage: str) -> int:
 class LabeledSubset:
     labeled: dict[str, float]  # image_id -> binary target
     validation: dict[str, float]
+    available: int  # labeled train images outside the validation hold-out: what a fraction is of
 
 
 def labeled_subset(cfg: Config) -> LabeledSubset:
@@ -72,7 +73,8 @@ def labeled_subset(cfg: Config) -> LabeledSubset:
                                          val_count=lab.val_count)
     grade_of = dict(zip(ids, grades, strict=True))
     target = lambda i: float(binary_target(grade_of[i], cfg.data.positive))  # noqa: E731
-    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation})
+    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation},
+                         len(rows) - len(validation))
 
 
 def pool_ids(cfg: Config) -> list[str]:

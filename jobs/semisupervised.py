@@ -53,7 +53,7 @@ def run(cfg: Config, method: str) -> dict:
         spec=ModelSpec("classifier", section.backbone, size, section.init, section.weights, dropout=section.dropout),
         validate=bool(subset.validation), ema_decay=section.ema_decay,
         unlabeled_batch=common.per_worker_batch(unlabeled_global, section.scaling, method),
-        ssl=_settings(cfg, method),
+        ssl=_settings(cfg, method, len(pool)),
     )
     # enough copies of the labeled subset for every step of a pass to take B labeled images
     labeled_per_pass = run_spec.steps_per_epoch * section.batch_size * run_spec.epochs_per_pass
@@ -71,11 +71,10 @@ def run(cfg: Config, method: str) -> dict:
     return {"stage": method, "dir": str(out), "metrics": metrics}
 
 
-def _settings(cfg: Config, method: str) -> dict:
+def _settings(cfg: Config, method: str, n_pool: int) -> dict:
     section = getattr(cfg, method)
     if method == "fixmatch":
         return {"threshold": section.threshold, "lambda_u": section.lambda_u}
-    n_pool = len(common.pool_ids(cfg))
     steps_per_epoch = common.steps_per_epoch(n_pool // section.mu, section.batch_size)
     return {"temperature": section.temperature, "alpha": section.alpha, "lambda_u": section.lambda_u,
             "rampup_steps": section.rampup_epochs * steps_per_epoch}

@@ -154,16 +154,8 @@ def trial_record(cfg: Config, spec: dict) -> dict:
     seconds = sum(s["seconds"] for inv in invocations for s in inv["stages"])
     results = [{"method": r["model"], "test_set": r["test_set"], "auc": r["auc"], "ci_low": r["auc_ci"][0],
                 "ci_high": r["auc_ci"][1], "n": r["n"], "positives": r["positives"]} for r in metrics["results"]]
-    return {**spec, "labeled": len(subset.labeled), "available": _available(cfg), "seconds": round(seconds, 1),
+    return {**spec, "labeled": len(subset.labeled), "available": subset.available, "seconds": round(seconds, 1),
             "attempts": len((out / "attempts.jsonl").read_text().splitlines()), "results": results}
-
-
-def _available(cfg: Config) -> int:
-    """Labeled train images a fraction is a fraction of (the validation hold-out left out)."""
-    from drray.data.shards import read_index
-
-    rows = [r for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train" and r["grade"] is not None]
-    return len(rows) - cfg.labels.val_count
 
 
 # --- the sweep ---------------------------------------------------------------------------------
