@@ -148,10 +148,8 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    module_name, _, function = JOBS[job][0].partition(":")
-    job_fn = getattr(importlib.import_module(module_name), function)
     try:
-        result = job_fn(cfg)
+        result = job_function(job)(cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     if job == "prepare":
@@ -169,6 +167,135 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")
     else:
         click.echo(json.dumps(result, indent=2, default=str))
+
+
+def job_function(job: str):
+    module_name, _, function = JOBS[job][0].partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="YAML config; its run.dir is where the job writes (and its logs go: RUN/slurm/).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@click.option("--profile", default=None,
+              help="Cluster profile: a name in slurm/profiles/ (local, gpu-example) or a YAML file path.")
+@click.option("--nodes", type=click.IntRange(1), default=None, help="Nodes (one Ray node each).")
+@click.option("--gpus-per-node", type=click.IntRange(0), default=None, help="GPUs per node, given to Ray.")
+@click.option("--cpus-per-node", type=click.IntRange(1), default=None, help="CPUs per node, given to Ray.")
+@click.option("--partition", default=None, help="SLURM partition (checked with sinfo before submitting).")
+@click.option("--time", "time_minutes", type=click.IntRange(1), default=None,
+              help="Time limit in minutes; near it the job requeues itself and resumes.")
+@click.option("--signal-delay", "signal_delay_s", type=click.IntRange(1), default=None,
+              help="Seconds before the time limit when SLURM warns the job (it then requeues).")
+@click.option("--executor", "cluster", type=click.Choice(["slurm", "local"]), default="slurm", show_default=True,
+              help="local: run the job in a background process on this machine (no SLURM).")
+@click.option("--array", is_flag=True,
+              help="sweep only: the shared stages, then one SLURM array task per trial, then the results.")
+@click.option("--array-parallelism", type=click.IntRange(1), default=None, help="--array: tasks at once.")
+@click.option("--wait", is_flag=True, help="Follow the job(s) to the end; exit with their status.")
+def submit(job, config_path, overrides, profile, nodes, gpus_per_node, cpus_per_node, partition, time_minutes,
+           signal_delay_s, cluster, array, array_parallelism, wait) -> None:
+    """Submit JOB (the job `drray run JOB` runs) to SLURM through submitit.
+
+    The cluster is the one the SLURM client tools talk to (SLURM_CONF honoured). On N nodes the
+    job starts a Ray head on the first and Ray workers on the others, waits for all of them,
+    runs, and stops Ray. Near its time limit, or when preempted, it requeues itself and
+    resumes from the stage cache and the latest checkpoint. Settings: --profile, then flags.
+
+    \b
+    Examples:
+      drray submit pipeline --config configs/paper.yaml --profile gpu-example --nodes 4
+      drray submit sweep --config configs/sweep-ci.yaml --array --array-parallelism 2 --wait
+    """
+    from drray.launch import slurm
+    from drray.launch.profiles import ProfileError, load_profile
+    from jobs import submit as submit_job
+
+    try:
+        cfg = load_config(config_path, overrides)
+        loaded, source = load_profile(profile)
+        chosen = loaded.with_overrides(nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
+                                       partition=partition, time_minutes=time_minutes,
+                                       signal_delay_s=signal_delay_s, array_parallelism=array_parallelism)
+        subs = submit_job.submit(job, job_function(job), cfg, config_path, chosen, source,
+                                 cluster=cluster, array=array)
+    except (ConfigError, ProfileError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(submit_job.describe(subs))
+    if wait:
+        for line in slurm.follow(subs):
+            click.echo(line)
+        failed = [f"{s.job_id} {slurm.state(s)[0]}" for s in subs if slurm.state(s)[0] != "COMPLETED"]
+        if failed:
+            raise click.ClickException(f"not completed: {', '.join(failed)}")
+
+
+@main.command()
+@click.option("--last", type=click.IntRange(1), default=20, show_default=True, help="Show the newest N jobs.")
+def jobs(last: int) -> None:
+    """The jobs drray submitted (DRRAY_HOME/jobs.jsonl) with their state now.
+
+    States come from squeue / scontrol while SLURM knows the job, then from the job's own
+    records; "to running" and "to Ray" are seconds from submission to the job's first start
+    and to its Ray cluster being ready.
+    """
+    from drray.launch import slurm
+
+    subs = slurm.submissions()[-last:]
+    if not subs:
+        click.echo(f"no jobs submitted yet (registry: {slurm.registry_path()})")
+        return
+    click.echo(f"{'job':<12} {'name':<14} {'state':<11} {'nodes':>5} {'tries':>5} {'to running':>10} "
+               f"{'to Ray':>7}  run dir / detail")
+    for s in subs:
+        st, detail = slurm.state(s)
+        t = slurm.timings(s)
+        secs = lambda v: f"{v:.0f} s" if v is not None else "-"  # noqa: E731
+        click.echo(f"{s.job_id:<12} {s.name:<14} {st:<11} {s.nodes:>5} {t['attempts']:>5} "
+                   f"{secs(t['to_running']):>10} {secs(t['to_ray_ready']):>7}  {s.run_dir}"
+                   + (f"  ({detail})" if detail else ""))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("--stream", type=click.Choice(["both", "out", "err"]), default="both", show_default=True)
+def logs(job_id: str, follow: bool, stream: str) -> None:
+    """Print the logs of JOB_ID (an array id prints every task's), from its first task (the
+    head node, where the job runs)."""
+    from drray.launch import slurm
+
+    try:
+        subs = slurm.find(job_id)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if follow:
+        for line in slurm.follow(subs, streams=stream):
+            click.echo(line)
+        return
+    for s in subs:
+        paths = {"out": [s.stdout], "err": [s.stderr], "both": [s.stdout, s.stderr]}[stream]
+        for path in paths:
+            click.echo(f"==> {path} <==")
+            for line in slurm.LogTail(path).new_lines(complete_only=False):
+                click.echo(line)
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel JOB_ID (scancel; an array id cancels every task)."""
+    from drray.launch import slurm
+
+    try:
+        subs = slurm.find(job_id)
+        for s in subs:
+            slurm.cancel(s)
+    except (LookupError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"cancelled {', '.join(s.job_id for s in subs)}")
 
 
 @main.command()

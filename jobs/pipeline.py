@@ -94,6 +94,10 @@ def run(cfg: Config, on_stage: Callable[[str, str], None] | None = None, stages:
         on_stage(name, "running")
         try:
             result = stage(cfg)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a SLURM job requeueing itself
+            record.stage(name, "interrupted", started)
+            record.finish("interrupted")
+            raise
         except BaseException:
             record.stage(name, "failed", started)
             record.finish("failed")

@@ -115,14 +115,21 @@ def check_sweep_fits(cfg: Config, capacity: Demand) -> None:
 
 
 def trial(config: dict, base: Config, cwd: str, experiment: str) -> dict:
-    """One trial: the pipeline at the trial's labels. Its progress goes to trial.log and, a line
-    per stage, to Tune (and so to the sweep's console). A trial that already finished for this
-    experiment (its trial.json says so) returns at once: Tune saves its own state every ~10 s,
-    so a sweep killed just after a trial ended would otherwise run that trial again."""
+    """One Ray Tune trial: ``run_trial`` with each stage's start and end reported to Tune (and
+    so to the sweep's console)."""
     from ray import tune
 
     os.chdir(cwd)  # Tune starts trials in a directory of their own; the config's paths are relative to cwd
-    spec = config["trial"]
+    finished = run_trial(base, config["trial"], experiment,
+                         on_stage=lambda name, status: tune.report({"stage": name, "status": status}))
+    return {"stage": "trial", "status": "finished", "seconds": finished["seconds"]}
+
+
+def run_trial(base: Config, spec: dict, experiment: str, on_stage=None) -> dict:
+    """The pipeline at the trial's labels; its progress goes to trial.log. A trial that already
+    finished for this experiment (its trial.json says so) returns at once: Tune saves its own
+    state every ~10 s, so a sweep killed just after a trial ended would otherwise run that trial
+    again (and a SLURM array task may be requeued after it finished)."""
     cfg = trial_config(base, spec)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +139,10 @@ def trial(config: dict, base: Config, cwd: str, experiment: str) -> dict:
                                    "already_finished": finished is not None}) + "\n")
     if finished is None:
         with (out / "trial.log").open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            pipeline.run(cfg, on_stage=lambda name, status: tune.report({"stage": name, "status": status}))
+            pipeline.run(cfg, on_stage=on_stage)
         finished = {**trial_record(cfg, spec), "experiment": experiment}
         atomic_write_json(out / "trial.json", finished)
-    return {"stage": "trial", "status": "finished", "seconds": finished["seconds"]}
+    return finished
 
 
 def finished_trial(out: Path, experiment: str) -> dict | None:
@@ -162,26 +169,13 @@ def trial_record(cfg: Config, spec: dict) -> dict:
 
 
 def run(cfg: Config) -> dict:
+    """The whole sweep in one Ray cluster (a laptop, or one multi-node SLURM allocation)."""
     from drray.distributed.tune import run_grid
 
     trials = grid(cfg)
-    out = run_dir(cfg).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out, cfg)
-    record = pipeline.Invocations(out / "sweep.json")
-    say = lambda text: print(f"[sweep] {text}", file=sys.stderr, flush=True)  # noqa: E731
-    say(f"{len(trials)} trials ({', '.join(t['name'] for t in trials)}) from one pretraining")
-    stage_of = {name: stage for name, _, stage in pipeline.STAGES}
-    for name in ("prepare", "pretrain"):
-        stage = stage_of[name]
-        say(f"shared stage: {name}")
-        started = time.time()
-        record.stage(name, "running", started)
-        result = stage(cfg)
-        record.stage(name, "skipped" if result.get("skipped") else "ran", started, result)
-    for spec in trials:  # a fraction or count the data cannot give fails here, not in a trial
-        common.labeled_subset(trial_config(cfg, spec))
+    record = run_shared_stages(cfg, "sweep.json", trials)
     check_sweep_fits(cfg, cluster_capacity())
+    out = run_dir(cfg).resolve()
     started = time.time()
     record.stage("trials", "running", started)
     from ray import tune
@@ -193,6 +187,36 @@ def run(cfg: Config) -> dict:
                         max_failures=cfg.sweep.max_failures)
     failed = [o for o in outcomes if o.status != "finished"]
     record.stage("trials", "failed" if failed else "ran", started)
+    return _results(cfg, trials, outcomes, experiment, record)
+
+
+def run_shared_stages(cfg: Config, record_name: str, trials: list[dict]) -> pipeline.Invocations:
+    """prepare and pretrain, once for every trial; and every trial's labels checked (a fraction
+    or count the data cannot give fails here, not in a trial)."""
+    out = run_dir(cfg).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+    record = pipeline.Invocations(out / record_name)
+    _say(f"{len(trials)} trials ({', '.join(t['name'] for t in trials)}) from one pretraining")
+    stage_of = {name: stage for name, _, stage in pipeline.STAGES}
+    for name in ("prepare", "pretrain"):
+        _say(f"shared stage: {name}")
+        started = time.time()
+        record.stage(name, "running", started)
+        result = stage_of[name](cfg)
+        record.stage(name, "skipped" if result.get("skipped") else "ran", started, result)
+    for spec in trials:
+        common.labeled_subset(trial_config(cfg, spec))
+    return record
+
+
+def _say(text: str) -> None:
+    print(f"[sweep] {text}", file=sys.stderr, flush=True)
+
+
+def _results(cfg: Config, trials: list[dict], outcomes, experiment: str, record: pipeline.Invocations) -> dict:
+    out = run_dir(cfg).resolve()
+    failed = [o for o in outcomes if o.status != "finished"]
     table = write_results(cfg, trials, outcomes, experiment)
     record.finish("failed" if failed else "complete")
     if failed:
@@ -201,6 +225,37 @@ def run(cfg: Config) -> dict:
                          + f". The others' results are in {out}/sweep.md; rerun the same command to retry the failed.")
     return {"run_dir": str(out), "trials": len(trials), "rows": table, "sweep": str(out / "sweep.md"),
             "report": str(out / "report.md")}
+
+
+# --- the sweep as SLURM jobs: shared stages, then a job array of trials, then the results --------
+# (drray submit sweep --array; each is a ClusterJob with a Ray cluster of its own, and they meet
+# in the stage cache on the shared file system)
+
+
+def array_shared(cfg: Config) -> dict:
+    run_shared_stages(cfg, "sweep.json", grid(cfg)).finish("complete")
+    return {"stage": "shared", "run_dir": str(run_dir(cfg).resolve())}
+
+
+def array_trial(cfg: Config, index: int) -> dict:
+    trials = grid(cfg)
+    spec = trials[index]
+    _say(f"array task {index}: trial {spec['name']}")
+    finished = run_trial(cfg, spec, experiment_name(cfg, trials))
+    return {"stage": "trial", "trial": spec["name"], "seconds": finished["seconds"]}
+
+
+def array_results(cfg: Config) -> dict:
+    """After the array: the sweep's table, figure and report from the trials that finished."""
+    from drray.distributed.tune import TrialOutcome
+
+    trials = grid(cfg)
+    experiment = experiment_name(cfg, trials)
+    outcomes = [TrialOutcome(t["name"], "finished") if finished_trial(trial_dir(cfg, t["name"]), experiment)
+                else TrialOutcome(t["name"], "failed", "its array task did not finish (see its log in RUN/slurm/)")
+                for t in trials]
+    record = pipeline.Invocations(run_dir(cfg).resolve() / "sweep.json")
+    return _results(cfg, trials, outcomes, experiment, record)
 
 
 def write_results(cfg: Config, trials: list[dict], outcomes, experiment: str) -> int:

@@ -8,8 +8,9 @@ import os
 log = logging.getLogger(__name__)
 
 # Ray Train's fixed cost per fit is 15-19 s with its defaults and 10-12 s with these
-# (DESIGN.md section 7); none of them changes what a run computes.
-_RAY_ENV_DEFAULTS = {
+# (DESIGN.md section 7); none of them changes what a run computes. Processes that start Ray
+# nodes (drray.launch.ray_cluster) pass them on too: Ray's actors inherit the raylet's environment.
+RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
@@ -25,7 +26,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():  # in the driver after a first call, or inside a Ray task/actor (a Tune trial)
         _quiet_ray_data()
         return
-    for key, value in _RAY_ENV_DEFAULTS.items():
+    for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS") or None
     # Worker and actor logs stay in Ray's log files (/tmp/ray/session_latest/logs) unless
