@@ -40,13 +40,15 @@ def build(run: str | Path) -> dict:
     blocks: list[tuple] = [("h1", f"drray report: {run.resolve().name}"),
                            ("p", f"Run directory `{run.resolve()}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")]
     if pipeline:
+        if (run / "table1.parquet").is_file():
+            blocks += [("h2", "Table 1 (drray run table1)")] + table1_blocks(pq.read_table(run / "table1.parquet").to_pylist())
         blocks += _blocks(run)
     if sweep:
         blocks += sweep_blocks(run)
     config = run / "config.resolved.yaml"
     if config.is_file():
         blocks += [("h2", "Resolved config"), ("pre", config.read_text())]
-    atomic_write_text(run / "report.md", _markdown(blocks))
+    atomic_write_text(run / "report.md", markdown(blocks))
     atomic_write_text(run / "report.html", _html(blocks, run))
     return {"stage": "report", "path": str(run / "report.md"), "html": str(run / "report.html")}
 
@@ -289,14 +291,44 @@ def _sweep_trials(run: Path, rows: list[dict]) -> list[tuple]:
             ("table", ["trial", "status", "seconds", "error", "its run directory"], table)]
 
 
+def table1_blocks(table: list[dict]) -> list[tuple]:
+    """RUN/table1.parquet's rows as the paper's Table 1, and whether its claim holds here: the
+    distilled student above every baseline trained on the same labeled subset."""
+    sets = [s for s in TEST_SETS if any(r["test_set"] == s for r in table)]
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in table):
+        first = next(r for r in table if r["method"] == name)
+        cells = [name, first["labels"], first["architecture"]]
+        for s in sets:
+            r = next((r for r in table if r["method"] == name and r["test_set"] == s), None)
+            paper = f" (paper {r['paper_auc']:.2f})" if r and r["paper_auc"] is not None else ""
+            p = f", p={r['p_vs_student']:.2g}" if r and r["p_vs_student"] is not None else ""
+            cells.append(f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{paper}{p}" if r else "")
+        rows.append(cells)
+    blocks = [("p", "AUC [95% CI] per test set; the paper's AUC in parentheses; p: DeLong's test against the "
+                    "distilled student on the same images."),
+              ("table", ["method", "labels", "architecture"] + [TEST_SETS[s] for s in sets], rows)]
+    for s in sets:
+        student = next((r for r in table if r["method"] == "student" and r["test_set"] == s), None)
+        others = [r for r in table if r["test_set"] == s and r["method"] not in ("student", "supervised_100")]
+        if student is None or not others:
+            continue
+        below = [r for r in others if r["auc"] >= student["auc"]]
+        verdict = "holds" if not below else f"does NOT hold ({', '.join(r['method'] for r in below)} at or above it)"
+        gaps = ", ".join(f"{r['method']} {student['auc'] - r['auc']:+.3f} (p={r['p_vs_student']:.2g})" for r in others)
+        blocks.append(("p", f"{TEST_SETS[s]}: the student above every method on the same labels {verdict}; "
+                            f"student minus each: {gaps}."))
+    return blocks
+
+
 def sweep_markdown(run: Path) -> str:
-    return _markdown([("h1", f"Label-fraction sweep: {run.resolve().name}")] + sweep_blocks(run))
+    return markdown([("h1", f"Label-fraction sweep: {run.resolve().name}")] + sweep_blocks(run))
 
 
 # --- rendering -------------------------------------------------------------------------------
 
 
-def _markdown(blocks: list[tuple]) -> str:
+def markdown(blocks: list[tuple]) -> str:
     out = []
     for kind, *args in blocks:
         if kind in ("h1", "h2"):

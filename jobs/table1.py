@@ -2,7 +2,8 @@
 
     the pipeline with pipeline.baselines = fixmatch, mixmatch  (stages found done are skipped)
     + the supervised baseline on 100% of the labels            -> RUN/models/supervised_100
-    -> evaluate (all six models, both test sets) -> report -> RUN/table1.md, RUN/table1.parquet
+    -> evaluate (all six models, both test sets) -> RUN/table1.md, RUN/table1.parquet
+    -> report (RUN/report.md with the table and whether the paper's claim holds)
 
 One row per method and test set: labels, architecture, AUC with its 95% CI, the paper's AUC,
 and DeLong's p of the method against the distilled student on the same images.
@@ -46,8 +47,10 @@ def stages() -> list:
     before, after = [], []
     for entry in pipeline.STAGES:
         (after if entry[0] in ("evaluate", "report") else before).append(entry)
-    return before + [("supervised_100", "the supervised baseline on 100% of the labels", _supervised_100)] + after + [
-        ("table1", "RUN/table1.md and RUN/table1.parquet", lambda cfg: write_table(run_dir(cfg)))]
+    evaluate, report_stage = after
+    return before + [("supervised_100", "the supervised baseline on 100% of the labels", _supervised_100), evaluate,
+                     ("table1", "RUN/table1.md and RUN/table1.parquet", lambda cfg: write_table(run_dir(cfg))),
+                     report_stage]
 
 
 def run(cfg: Config) -> dict:
@@ -89,22 +92,4 @@ def write_table(run) -> dict:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["# Table 1 (drray)", "",
-             "AUC [95% CI] per test set; the paper's AUC in parentheses; p: DeLong's test against the distilled "
-             "student on the same images.", ""]
-    sets = [s for s in report.TEST_SETS if any(r["test_set"] == s for r in table)]
-    lines += ["| method | labels | architecture | " + " | ".join(report.TEST_SETS[s] for s in sets) + " |",
-              "|---|---|---|" + "---|" * len(sets)]
-    for name in dict.fromkeys(r["method"] for r in table):
-        cells = []
-        for s in sets:
-            r = next((r for r in table if r["method"] == name and r["test_set"] == s), None)
-            if r is None:
-                cells.append("")
-                continue
-            paper = f" (paper {r['paper_auc']:.2f})" if r["paper_auc"] is not None else ""
-            p = f", p={r['p_vs_student']:.2g}" if r["p_vs_student"] is not None else ""
-            cells.append(f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{paper}{p}")
-        first = next(r for r in table if r["method"] == name)
-        lines.append(f"| {name} | {first['labels']} | {first['architecture']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return report.markdown([("h1", "Table 1 (drray)")] + report.table1_blocks(table))

@@ -154,6 +154,32 @@ def test_cancel_a_real_job(cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def test_a_failing_job_is_reported_failed_with_its_error(cluster, tmp_path):
+    """--wait exits non-zero; `drray jobs` shows FAILED and the job's own error."""
+    result = drray("submit", "evaluate", "--config", str(CI), "--set", f"run.dir={tmp_path}", "--profile", "local",
+                   "--wait", timeout=300)
+    assert result.returncode != 0 and "not completed" in result.stderr
+    (job_id,) = submitted_ids(result.stdout)
+    assert f"job {job_id} (evaluate): FAILED" in result.stdout
+    row = next(line for line in drray("jobs").stdout.splitlines() if line.split()[:1] == [job_id])
+    assert "FAILED" in row
+    failed = [e for e in events(tmp_path / "slurm", job_id) if e["event"] == "failed"]
+    assert len(failed) == 1 and "models" in failed[0]["error"] and "Traceback" in failed[0]["traceback"]
+
+
+def test_local_executor_runs_a_job_without_slurm(tmp_path, monkeypatch):
+    """--executor local: the same job function in a background process on this machine."""
+    monkeypatch.setenv("DRRAY_HOME", str(tmp_path / "home"))
+    result = drray("submit", "prepare", "--config", str(CI), "--set", f"run.dir={tmp_path / 'run'}",
+                   "--executor", "local", "--wait", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (job_id,) = submitted_ids(result.stdout)
+    assert "(local, 1 node(s))" in result.stdout and f"job {job_id} (prepare): COMPLETED" in result.stdout
+    assert [e["event"] for e in events(tmp_path / "run" / "slurm", job_id)] == ["finished"]
+    assert drray("submit", "prepare", "--config", str(CI), "--executor", "local", "--nodes", "2").returncode != 0
+
+
+@pytest.mark.slurm
 def test_plain_sbatch_template_forms_the_ray_cluster(cluster, tmp_path):
     """slurm/ray-on-slurm.sbatch: Ray over the allocation without submitit."""
     probe = ("import ray; ray.init(); "
