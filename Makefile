@@ -29,6 +29,8 @@ bench: install
 	$(BIN)/python bench/synth_colour.py
 	$(BIN)/python bench/demo.py
 	$(BIN)/python bench/sweep.py
+	@if command -v slurmctld >/dev/null; then $(BIN)/python bench/slurm_submit.py; \
+	else echo "bench/slurm_submit.py skipped: apt-get install slurm-wlm munge to run it"; fi
 
 lint: install
 	$(BIN)/ruff check drray jobs tests bench

@@ -326,6 +326,17 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return dataclasses.replace(cfg, source_file=str(path))
 
 
+def read_yaml_mapping(path: Path, expected: str) -> dict:
+    """A YAML file (``yaml.safe_load``: data, no code) whose top level is a mapping."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {expected}, got {type(raw).__name__}")
+    return raw
+
+
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
     """A config file's mapping; ``base: other.yaml`` (relative to this file) is read first and
     this file's sections laid over it, key by key (``configs/sweep-ci.yaml`` is ci.yaml + a sweep)."""
@@ -333,12 +344,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, seen + (path,)))}")
     if not path.is_file():
         raise ConfigError(f"{seen[-1] if seen else path}: config file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml_mapping(path, "the top level must be a mapping of sections")
     base = raw.pop("base", None)
     if base is None:
         return raw

@@ -11,12 +11,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from drray.config import ConfigError, read_yaml_mapping
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     pass
 
 
@@ -61,11 +61,9 @@ def load_profile(name_or_path: str | Path | None) -> tuple[Profile, str]:
                                f"(available: {available})")
         path = by_name
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ProfileError(f"profile {path}: expected a mapping of settings, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "a profile is a mapping of settings")
+    except ConfigError as exc:
+        raise ProfileError(f"profile {exc}") from exc
     unknown = sorted(set(data) - set(known_keys()))
     if unknown:
         raise ProfileError(f"profile {path}: unknown key(s) {', '.join(map(repr, unknown))}; "

@@ -88,14 +88,16 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 def node_address(node: str) -> str:
     """The address other nodes reach this one at: SLURM's NodeAddr for it (what slurmctld itself
-    uses), resolved; the host name's address where SLURM does not say."""
+    uses), resolved; this host name's address where SLURM does not know the node."""
     try:
         out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
-        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-        return socket.gethostbyname(fields.get("NodeAddr") or node)
+        address = dict(f.split("=", 1) for f in out.split() if "=" in f).get("NodeAddr")
+        if address:
+            return socket.gethostbyname(address)
     except (OSError, subprocess.SubprocessError, ValueError):
-        return socket.gethostbyname(socket.gethostname())
+        pass
+    return socket.gethostbyname(socket.gethostname())
 
 
 def free_port(host: str) -> int:
@@ -187,6 +189,7 @@ def _head(rendezvous: RendezVous, timeout_s: float) -> Iterator[str]:
         atomic_write_json(rendezvous.head, {"address": address, "node": task.node, "started": started})
         os.environ.update(ray_environment(rendezvous))
         os.environ["RAY_ADDRESS"] = address
+        _reread_ray_config()
         joined = _wait_for_nodes(rendezvous, proc, timeout_s)
         print(f"[drray] Ray cluster ready at {address} after {time.time() - started:.1f} s: {len(joined)} node(s) "
               f"({', '.join(sorted(joined))})", file=sys.stderr, flush=True)
@@ -200,6 +203,7 @@ def _head(rendezvous: RendezVous, timeout_s: float) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _reread_ray_config()
 
 
 def _wait_for_port(ip: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -265,6 +269,15 @@ def _serve_as_worker(rendezvous: RendezVous, timeout_s: float) -> None:
             time.sleep(0.5)
     finally:
         _stop(proc)
+
+
+def _reread_ray_config() -> None:
+    """Ray reads RAY_AUTH_MODE into its C++ config when it is imported: a process that imported
+    Ray before the job's token was set (a test session, a user's script) must have it read again,
+    as Ray's own token set-up does (authentication_token_setup._enable_token_auth)."""
+    import ray._raylet
+
+    ray._raylet.Config.initialize("")
 
 
 def _disconnect() -> None:
