@@ -54,3 +54,14 @@ def test_mixmatch_step_ramps_its_unlabeled_weight_and_continues_after_resume():
 
 # Both stages through Ray Train, publishing their EMA: tests/test_pipeline.py (table1 on the
 # pipeline's run, so the suite pays for these fits once).
+
+
+def test_a_short_run_is_warned_that_its_ema_is_mostly_the_initial_weights(capsys):
+    from jobs.semisupervised import _warn_if_ema_is_mostly_initial, initial_weight_in_ema
+
+    assert abs(initial_weight_in_ema(0.999, 280) - 0.7557) < 1e-3  # the demo's 10 epochs x 28 steps
+    _warn_if_ema_is_mostly_initial("fixmatch", 0.999, 280)
+    err = capsys.readouterr().err
+    assert "still holds 76% of the initial weights" in err and "lower fixmatch.ema_decay (e.g. 0.989)" in err
+    _warn_if_ema_is_mostly_initial("fixmatch", 0.99, 280)  # 6% left: no warning
+    assert capsys.readouterr().err == ""

@@ -159,8 +159,8 @@ def make_executor(folder: Path, profile: Profile, cluster: str, name: str, depen
         if profile.setup:
             params["slurm_setup"] = list(profile.setup)
         extra = dict(profile.sbatch)
-        if depends_on:
-            extra["dependency"] = depends_on
+        if depends_on:  # a dependency that can no longer be met cancels the job (not pending forever)
+            extra.update({"dependency": depends_on, "kill-on-invalid-dep": "yes"})
         if extra:
             params["slurm_additional_parameters"] = extra
     elif profile.nodes > 1:
@@ -232,12 +232,14 @@ def find(job_id: str) -> list[Submission]:
 
 def state(sub: Submission) -> tuple[str, str]:
     """(STATE, detail) from SLURM while it knows the job, else from the job's own events."""
-    if sub.cluster == "slurm":
-        live = _slurm_state(sub.job_id)
-        if live:
-            return live
     events = read_events(Path(sub.folder), sub.job_id)
     last = next((e for e in reversed(events) if e["event"] in ("finished", "failed")), None)
+    if sub.cluster == "slurm":
+        live = _slurm_state(sub.job_id)
+        if live and live[0] == "FAILED" and last is not None and last["event"] == "failed":
+            return "FAILED", last.get("error", "")  # the job's own error says more than NonZeroExitCode
+        if live:
+            return live
     if last is not None:
         return ("COMPLETED", "") if last["event"] == "finished" else ("FAILED", last.get("error", ""))
     if sub.cluster == "local" and _pid_alive(sub.job_id):
