@@ -69,6 +69,8 @@ start() {
     mkdir -p "$dir/state" "$dir/munge"
     chmod 700 "$dir/munge"
     [ -f "$dir/munge/munge.key" ] || { dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none; chmod 400 "$dir/munge/munge.key"; }
+    # a start that fails half-way stops what it started
+    trap 'echo "local-cluster: start failed; stopping what was started" >&2; stop >/dev/null 2>&1 || true' ERR
     munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
 
@@ -124,6 +126,7 @@ start() {
         slurmd -f "$SLURM_CONF" -N "n$i"
     done
     wait_for 60 "the $nodes nodes" bash -c "[ \$(sinfo -h -N -t idle -o %N | sort -u | wc -l) -eq $nodes ]"
+    trap - ERR
     echo "local SLURM cluster up in $dir: $nodes nodes x $cpus CPUs, partition debug"
     echo "use it with:  export SLURM_CONF=$dir/slurm.conf"
 }
@@ -146,6 +149,10 @@ stop() {
     # Jobs first (their processes are the slurmds' children), then the daemons, each by its pid
     # file: never `pkill slurmd`, which would take a system cluster's daemons down too.
     SLURM_CONF="$dir/slurm.conf" scancel --full --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 150); do  # up to 30 s for the jobs (and the Ray they started) to end
+        [ -z "$(SLURM_CONF="$dir/slurm.conf" squeue -h 2>/dev/null)" ] && break
+        sleep 0.2
+    done
     local f
     for f in "$dir"/slurmd-*.pid; do [ -e "$f" ] && stop_pidfile "$f"; done
     stop_pidfile "$dir/slurmctld.pid"

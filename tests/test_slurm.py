@@ -47,6 +47,7 @@ def cluster(tmp_path_factory):
     started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", str(directory), "--nodes", "2", "--cpus", "2"],
                              capture_output=True, text=True, timeout=120)
     if started.returncode != 0:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(directory)], capture_output=True, timeout=120)
         message = f"the local SLURM cluster did not start:\n{started.stdout}\n{started.stderr}"
         if required:
             pytest.fail(message)
@@ -145,11 +146,17 @@ def test_cancel_a_real_job(cluster, tmp_path):
     assert submitted.returncode == 0, submitted.stderr
     (job_id,) = submitted_ids(submitted.stdout)
     assert f"drray logs {job_id} --follow" in submitted.stdout
+    folder = tmp_path / "slurm"
+    wait_until(lambda: any(e["event"] == "ray_ready" for e in events(folder, job_id)), "its Ray cluster", 120,
+               [job_id], folder)
     cancelled = drray("cancel", job_id)
     assert cancelled.returncode == 0 and f"cancelled {job_id}" in cancelled.stdout
     wait_until(lambda: job_state(job_id) == "CANCELLED", "the job to be cancelled", 60, [job_id])
     listed = drray("jobs").stdout
     assert any(line.split()[:3] == [job_id, "pretrain", "CANCELLED"] for line in listed.splitlines()), listed
+    time.sleep(2)  # SLURM's kill reaches every process of the job: no Ray node of it is left
+    leftover = subprocess.run(["pgrep", "-f", f"/tmp/r-{job_id}-"], capture_output=True, text=True).stdout
+    assert leftover.strip() == ""
     assert "not among the jobs drray submitted" in drray("logs", "99999").stderr
 
 
@@ -177,6 +184,24 @@ def test_local_executor_runs_a_job_without_slurm(tmp_path, monkeypatch):
     assert "(local, 1 node(s))" in result.stdout and f"job {job_id} (prepare): COMPLETED" in result.stdout
     assert [e["event"] for e in events(tmp_path / "run" / "slurm", job_id)] == ["finished"]
     assert drray("submit", "prepare", "--config", str(CI), "--executor", "local", "--nodes", "2").returncode != 0
+    # a running local job is cancelled: its process ends, `drray jobs` says CANCELLED
+    run = tmp_path / "long"
+    started = drray("submit", "pretrain", "--config", str(CI), "--set", f"run.dir={run}", "--set", "pretrain.epochs=50",
+                    "--executor", "local")
+    (long_id,) = submitted_ids(started.stdout)
+    log = run / "slurm" / f"{long_id}_0_log.err"
+    deadline = time.time() + 180
+    while "[pretrain] starting" not in (log.read_text() if log.is_file() else "") and time.time() < deadline:
+        time.sleep(0.5)
+    assert drray("cancel", long_id).returncode == 0
+    deadline = time.time() + 60
+    while _state_of(long_id) != "CANCELLED" and time.time() < deadline:
+        time.sleep(0.5)
+    assert _state_of(long_id) == "CANCELLED"
+
+
+def _state_of(job_id: str) -> str:
+    return next((line.split()[2] for line in drray("jobs").stdout.splitlines() if line.split()[:1] == [job_id]), "")
 
 
 @pytest.mark.slurm
@@ -190,7 +215,8 @@ def test_plain_sbatch_template_forms_the_ray_cluster(cluster, tmp_path):
     log = (tmp_path / "out.log").read_text()
     assert result.returncode == 0, log[-3000:]
     assert "RAY NODES 2 4.0" in log  # 2 nodes x --cpus-per-task 2
-    leftover = subprocess.run(["pgrep", "-f", "ray-on-slurm|/tmp/r-"], capture_output=True, text=True).stdout
+    job_id = result.stdout.split()[-1]
+    leftover = subprocess.run(["pgrep", "-f", f"/tmp/r-{job_id}-"], capture_output=True, text=True).stdout
     assert leftover.strip() == ""
 
 

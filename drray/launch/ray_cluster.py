@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,13 +154,17 @@ def ray_on_allocation(folder: Path, task: NodeTask, *, timeout_s: float = 300.0)
 
 def _ray_start(args: list[str], rendezvous: RendezVous, log_name: str) -> subprocess.Popen:
     """``ray start --block`` as our child: it lives as long as the node does, and stopping it
-    (SIGTERM, by pid) stops that node's Ray processes and nothing else."""
+    (SIGTERM, by pid) stops that node's Ray processes and nothing else. SIGUSR2 is ignored in
+    it and in the Ray processes it starts (they inherit that): SLURM sends its time-limit warning
+    to every process of the job, and the default action would kill Ray under the job while
+    submitit, in the job's own process, checkpoints and requeues."""
     env = {**os.environ, **ray_environment(rendezvous)}
-    log_file = (rendezvous.folder / f"{rendezvous.prefix}.{log_name}.log").open("ab")
     ray = str(Path(sys.executable).with_name("ray"))
     cmd = [ray, "start", "--block", "--disable-usage-stats", *args]
     log.info("starting a Ray node: %s", " ".join(cmd))
-    return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    with (rendezvous.folder / f"{rendezvous.prefix}.{log_name}.log").open("ab") as log_file:
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
 
 
 def _node_args(task: NodeTask, ip: str) -> list[str]:
@@ -184,6 +189,7 @@ def _head(rendezvous: RendezVous, timeout_s: float) -> Iterator[str]:
                       rendezvous, f"head-{task.node}")
     started = time.time()
     previous = {k: os.environ.get(k) for k in ("RAY_ADDRESS", *ray_environment(rendezvous))}
+    ok = False
     try:
         _wait_for_port(ip, port, proc, timeout_s)
         atomic_write_json(rendezvous.head, {"address": address, "node": task.node, "started": started})
@@ -194,10 +200,13 @@ def _head(rendezvous: RendezVous, timeout_s: float) -> Iterator[str]:
         print(f"[drray] Ray cluster ready at {address} after {time.time() - started:.1f} s: {len(joined)} node(s) "
               f"({', '.join(sorted(joined))})", file=sys.stderr, flush=True)
         yield address
+        ok = True
     finally:
         rendezvous.done.touch()
         _disconnect()
         _stop(proc)
+        if ok:  # Ray's session logs stay in /tmp only when something went wrong
+            shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -223,7 +232,8 @@ def _wait_for_nodes(rendezvous: RendezVous, proc: subprocess.Popen, timeout_s: f
     import ray
 
     task = rendezvous.task
-    ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING,
+             log_to_driver=os.environ.get("DRRAY_RAY_LOGS") == "1")  # as drray.distributed.runtime.ensure_ray
     deadline = time.time() + timeout_s
     joined: set[str] = set()
     while time.time() < deadline:
@@ -255,6 +265,8 @@ def _serve_as_worker(rendezvous: RendezVous, timeout_s: float) -> None:
     task = rendezvous.task
     deadline = time.time() + timeout_s
     while not rendezvous.head.exists():
+        if rendezvous.done.exists():  # the head gave up (or failed) before publishing its address
+            return
         if time.time() > deadline:
             raise TimeoutError(f"node {task.node}: the Ray head did not publish its address "
                                f"({rendezvous.head}) within {timeout_s:.0f} s")

@@ -18,6 +18,7 @@ started, ray_ready, requeued, finished, failed), which also gives the timings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,7 +66,13 @@ def read_events(folder: Path, job_id: str) -> list[dict]:
     path = events_path(folder, job_id)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line still being written (on a network file system)
+            continue
+    return events
 
 
 class ClusterJob(submitit.helpers.Checkpointable):
@@ -77,30 +84,38 @@ class ClusterJob(submitit.helpers.Checkpointable):
         self.ray_timeout_s = ray_timeout_s
 
     def __call__(self):
+        self._requeueing = False  # set by checkpoint(); travels in the requeued pickle, so reset here
         env = submitit.JobEnvironment()
         folder, job_id = env.paths.folder, env.job_id
         if env.cluster != "slurm":  # --executor local: a local Ray, as `drray run` would start
-            return self._run(folder, job_id, {"node": "local"})
+            return self._recorded(folder, job_id, {"node": "local"}, lambda: self.fn(*self.args))
         task = NodeTask.from_slurm()
         meta = {"node": task.node, "attempt": task.attempt, "nodes": task.num_nodes}
-        if task.rank == 0:
-            add_event(folder, job_id, "started", **meta)
+        if task.rank != 0:  # a worker node: it serves Ray until the head is done
+            with ray_on_allocation(folder, task, timeout_s=self.ray_timeout_s):
+                return None
+        add_event(folder, job_id, "started", **meta)
+        return self._recorded(folder, job_id, meta, lambda: self._on_ray(folder, job_id, task, meta))
+
+    def _on_ray(self, folder: Path, job_id: str, task: NodeTask, meta: dict):
         started = time.time()
         with ray_on_allocation(folder, task, timeout_s=self.ray_timeout_s) as address:
-            if address is None:  # a worker node: it served Ray until the head was done
-                return None
             add_event(folder, job_id, "ray_ready", address=address, seconds=round(time.time() - started, 2),
                       ray_nodes=ray_node_count(), **meta)
-            return self._run(folder, job_id, meta)
-
-    def _run(self, folder: Path, job_id: str, meta: dict):
-        try:
             result = self.fn(*self.args)
-        except SystemExit:  # submitit's exit after requeueing: not a failure
-            raise
+            # done: a warning signal during Ray's teardown must not requeue a finished job
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            return result
+
+    def _recorded(self, folder: Path, job_id: str, meta: dict, body: Callable):
+        """``body()`` with its end in the job's events: finished, or failed with the error (Ray's
+        start-up included). The SystemExit submitit raises after requeueing is neither."""
+        try:
+            result = body()
         except BaseException as exc:
-            add_event(folder, job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
-                      traceback=traceback.format_exc()[-4000:], **meta)
+            if not (isinstance(exc, SystemExit) and self._requeueing):
+                add_event(folder, job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+                          traceback=traceback.format_exc()[-4000:], **meta)
             raise
         add_event(folder, job_id, "finished", **meta)
         return result
@@ -109,6 +124,7 @@ class ClusterJob(submitit.helpers.Checkpointable):
         """The resume point is on disk already (stage cache, Ray Train checkpoints): requeue the
         job as it was submitted."""
         env = submitit.JobEnvironment()
+        self._requeueing = True
         add_event(env.paths.folder, env.job_id, "requeued", attempt=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
         print("[drray] SLURM's time-limit / preemption signal: requeueing; the next attempt resumes from the "
               "stage cache and the latest checkpoint", file=sys.stderr, flush=True)
@@ -180,10 +196,31 @@ def submit(fn: Callable, args: tuple, *, name: str, run_dir: Path, profile: Prof
            config: str = "", depends_on: str | None = None) -> Submission:
     folder = (Path(run_dir) / "slurm").resolve()
     executor = make_executor(folder, profile, cluster, name, depends_on)
-    job = executor.submit(ClusterJob(fn, *args, ray_timeout_s=profile.ray_start_timeout_s))
+    with _std_streams_not_inherited() if cluster == "local" else contextlib.nullcontext():
+        job = executor.submit(ClusterJob(fn, *args, ray_timeout_s=profile.ray_start_timeout_s))
     submission = _submission(job.job_id, name, cluster, folder, run_dir, profile, config, depends_on)
     record(submission)
     return submission
+
+
+@contextlib.contextmanager
+def _std_streams_not_inherited():
+    """submitit's local controller inherits our stdout/stderr and outlives us (its job writes to
+    its own log files): a pipe reading `drray submit` would wait for the job's end. Give the
+    controller /dev/null instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def submit_array(fn: Callable, args_list: list[tuple], *, name: str, run_dir: Path, profile: Profile,
@@ -233,47 +270,67 @@ def find(job_id: str) -> list[Submission]:
 def state(sub: Submission) -> tuple[str, str]:
     """(STATE, detail) from SLURM while it knows the job, else from the job's own events."""
     events = read_events(Path(sub.folder), sub.job_id)
-    last = next((e for e in reversed(events) if e["event"] in ("finished", "failed")), None)
+    last = next((e for e in reversed(events) if e["event"] in ("finished", "failed", "cancelled")), None)
     if sub.cluster == "slurm":
-        live = _slurm_state(sub.job_id)
+        live = _slurm_state(sub)
         if live and live[0] == "FAILED" and last is not None and last["event"] == "failed":
             return "FAILED", last.get("error", "")  # the job's own error says more than NonZeroExitCode
         if live:
             return live
+    if sub.cluster == "local" and _local_job_alive(sub.job_id):
+        return ("CANCELLING", "") if last is not None and last["event"] == "cancelled" else ("RUNNING", "")
     if last is not None:
-        return ("COMPLETED", "") if last["event"] == "finished" else ("FAILED", last.get("error", ""))
-    if sub.cluster == "local" and _pid_alive(sub.job_id):
-        return ("RUNNING", "")
+        return {"finished": ("COMPLETED", ""), "cancelled": ("CANCELLED", "")}.get(
+            last["event"], ("FAILED", last.get("error", "")))
     return ("ENDED", "no longer known to SLURM and no end recorded (killed?); see `drray logs`")
 
 
-def _slurm_state(job_id: str) -> tuple[str, str] | None:
-    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", job_id.split("_")[0]])
-    for line in squeue.splitlines():
-        jid, st, reason = (line.split("|") + ["", ""])[:3]
-        if jid == job_id:
-            return st, ("" if reason in ("None", "") else reason)
-    shown = _run(["scontrol", "show", "job", job_id, "-o"])
+class SlurmUnreachable(RuntimeError):
+    pass
+
+
+def _slurm_state(sub: Submission) -> tuple[str, str] | None:
+    """The job's state from squeue, else scontrol; None when SLURM no longer knows the job. A
+    controller that does not answer is UNKNOWN (not an end: `--wait` keeps waiting)."""
+    try:
+        squeue = _slurm(sub, ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", sub.job_id.split("_")[0]])
+        for line in squeue.splitlines():
+            jid, st, reason = (line.split("|") + ["", ""])[:3]
+            if jid == sub.job_id:
+                return st, ("" if reason in ("None", "") else reason)
+        shown = _slurm(sub, ["scontrol", "show", "job", sub.job_id, "-o"])
+    except SlurmUnreachable as exc:
+        return "UNKNOWN", str(exc)
     fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
     if fields.get("JobState"):
         return fields["JobState"], fields.get("Reason", "") if fields.get("Reason") != "None" else ""
     return None
 
 
-def _run(cmd: list[str]) -> str:
+def _slurm(sub: Submission, cmd: list[str]) -> str:
+    """A SLURM client command against the cluster the job was submitted to (its SLURM_CONF).
+    An unknown job id is an empty answer; any other failure raises SlurmUnreachable."""
+    env = {**os.environ, **({"SLURM_CONF": sub.slurm_conf} if sub.slurm_conf else {})}
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return result.stdout if result.returncode == 0 else ""
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SlurmUnreachable(f"{cmd[0]}: {exc}") from exc
+    if result.returncode != 0:
+        if "Invalid job id" in result.stderr:
+            return ""
+        raise SlurmUnreachable(f"{cmd[0]}: {result.stderr.strip()[:300]}")
+    return result.stdout
 
 
-def _pid_alive(pid: str) -> bool:
+def _local_job_alive(pid: str) -> bool:
+    """Whether the --executor local job (submitit's controller process) still runs: the pid
+    exists, is not a zombie, and is submitit's (not a later process that got the same pid)."""
     try:
-        os.kill(int(pid), 0)
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
     except (ValueError, OSError):
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"submitit" in cmdline
 
 
 def timings(sub: Submission) -> dict:
@@ -288,11 +345,14 @@ def timings(sub: Submission) -> dict:
 
 def cancel(sub: Submission) -> None:
     if sub.cluster == "slurm":
-        result = subprocess.run(["scancel", sub.job_id], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise RuntimeError(f"scancel {sub.job_id}: {result.stderr.strip()}")
-    elif _pid_alive(sub.job_id):
-        os.kill(int(sub.job_id), signal.SIGTERM)
+        try:
+            _slurm(sub, ["scancel", sub.job_id])
+        except SlurmUnreachable as exc:
+            raise RuntimeError(f"scancel {sub.job_id}: {exc}") from exc
+    elif _local_job_alive(sub.job_id):
+        # SIGINT, as submitit's LocalJob.cancel: its job process ignores SIGTERM (submitit's handler)
+        add_event(Path(sub.folder), sub.job_id, "cancelled")
+        os.kill(int(sub.job_id), signal.SIGINT)
 
 
 class LogTail:
