@@ -35,7 +35,7 @@ def test_the_ci_sweep_config_is_ci_yaml_plus_a_sweep():
     assert cfg.sweep.fractions == (0.1, 0.25) and cfg.sweep.seeds == (0, 1)
     assert cfg.pretrain == ci.pretrain and cfg.data == ci.data and cfg.finetune == ci.finetune
     assert cfg.evaluate.tsne_images == 0 and cfg.evaluate.bootstrap == ci.evaluate.bootstrap
-    assert [t["name"] for t in sweep.grid(cfg)] == TRIALS
+    assert [t["name"] for t in sweep.grid(cfg)] == TRIALS + ["frac0.1-seed1", "frac0.25-seed1"]
 
 
 def test_config_bases_report_cycles_and_missing_files(tmp_path):
