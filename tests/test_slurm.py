@@ -154,9 +154,14 @@ def test_cancel_a_real_job(cluster, tmp_path):
     wait_until(lambda: job_state(job_id) == "CANCELLED", "the job to be cancelled", 60, [job_id])
     listed = drray("jobs").stdout
     assert any(line.split()[:3] == [job_id, "pretrain", "CANCELLED"] for line in listed.splitlines()), listed
-    time.sleep(2)  # SLURM's kill reaches every process of the job: no Ray node of it is left
-    leftover = subprocess.run(["pgrep", "-f", f"/tmp/r-{job_id}-"], capture_output=True, text=True).stdout
-    assert leftover.strip() == ""
+    # SLURM's kill reaches every process of the job (SIGTERM, SIGKILL after KillWait 10 s): no
+    # Ray node of it is left
+    ray_left = lambda: subprocess.run(["pgrep", "-af", f"/tmp/r-{job_id}-"], capture_output=True,  # noqa: E731
+                                      text=True).stdout.strip()
+    deadline = time.time() + 30
+    while ray_left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_left() == ""
     assert "not among the jobs drray submitted" in drray("logs", "99999").stderr
 
 
