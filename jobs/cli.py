@@ -276,8 +276,7 @@ def logs(job_id: str, follow: bool, stream: str) -> None:
             click.echo(line)
         return
     for s in subs:
-        paths = {"out": [s.stdout], "err": [s.stderr], "both": [s.stdout, s.stderr]}[stream]
-        for path in paths:
+        for path in s.logs(stream):
             click.echo(f"==> {path} <==")
             for line in slurm.LogTail(path).new_lines(complete_only=False):
                 click.echo(line)

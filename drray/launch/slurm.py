@@ -157,6 +157,10 @@ class Submission:
     def stderr(self) -> Path:
         return Path(self.folder) / f"{self.job_id}_0_log.err"
 
+    def logs(self, stream: str = "both") -> list[Path]:
+        """The first task's log files: stream "out", "err" or "both"."""
+        return {"out": [self.stdout], "err": [self.stderr], "both": [self.stdout, self.stderr]}[stream]
+
 
 def make_executor(folder: Path, profile: Profile, cluster: str, name: str, depends_on: str | None = None):
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
@@ -379,8 +383,7 @@ def follow(subs: list[Submission], streams: str = "both", poll_s: float = 2.0) -
     """Lines to show while the jobs run, one job after another: its state changes and its log
     lines. Ends when every job has ended (``state`` then gives each one's final state)."""
     for sub in subs:
-        paths = {"out": [sub.stdout], "err": [sub.stderr], "both": [sub.stdout, sub.stderr]}[streams]
-        tails = [LogTail(p) for p in paths]
+        tails = [LogTail(p) for p in sub.logs(streams)]
         last = None
         while True:
             st, detail = state(sub)
