@@ -1,22 +1,47 @@
-"""Run-directory layout, content hashes and atomic writes.
+"""Run-directory layout, content hashes, atomic writes and the rule that protects users' files.
 
 Every output is written aside under a temporary name and renamed into place, so a killed job
 never leaves a half-written file or directory that a later stage would take as complete.
+
+A user's files are never replaced: an output folder that drray replaces whole carries a mark
+(``.drray-output.json``) listing what drray put there, and a folder is replaced only when it is
+absent, empty, or holds nothing but what its mark lists. Folders that drray only adds to (run
+directories) carry a mark too, and an existing folder without one is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RESOLVED_CONFIG = "config.resolved.yaml"
+OUTPUT_MARK = ".drray-output.json"
+
+
+class NotOurOutput(ValueError):
+    """An output path holds something drray did not write: writing there could destroy it."""
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """How an output folder written before marks existed is recognised: it holds ``sign`` and
+    nothing but names that match ``entries`` (glob patterns)."""
+
+    sign: str
+    entries: frozenset[str]
+
+    def recognises(self, names: set[str]) -> bool:
+        return self.sign in names and all(any(fnmatch.fnmatchcase(n, p) for p in self.entries) for n in names)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -31,21 +56,152 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _mark(what: str, entries: Iterable[str] | None) -> dict:
+    import drray
+
+    mark = {"written_by": "drray", "drray_version": drray.__version__, "what": what,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if entries is not None:
+        mark["entries"] = sorted(entries)
+    return mark
+
+
+def read_mark(folder: str | Path) -> dict | None:
+    """The mark drray left in a folder it wrote, or None."""
+    try:
+        mark = json.loads((Path(folder) / OUTPUT_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) and mark.get("written_by") == "drray" else None
+
+
+def _listing(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_replaceable(final: str | Path, *, what: str, legacy: Legacy | None = None) -> None:
+    """Raise :class:`NotOurOutput` unless ``final`` may be replaced whole: it is absent, an empty
+    folder, or a folder holding only what drray's mark in it lists (or, for folders from before
+    marks, what ``legacy`` recognises)."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise NotOurOutput(f"{what} {final} exists and is not a folder drray wrote: choose a new or empty folder")
+    names = {p.name for p in final.iterdir()} - {OUTPUT_MARK}
+    if not names:
+        return
+    mark = read_mark(final)
+    if mark is not None and "entries" in mark:
+        foreign = names - set(mark["entries"])
+        if not foreign:
+            return
+        raise NotOurOutput(
+            f"{what} {final} holds files drray did not write ({_listing(foreign)}); drray replaces this "
+            f"folder whole, so it stops here: move those files out or choose another folder")
+    if legacy is not None and legacy.recognises(names):
+        return
+    raise NotOurOutput(
+        f"{what} {final} is a folder drray did not write (it holds {_listing(names)}); drray replaces "
+        f"its output folder whole, so it stops here: choose a new or empty folder")
+
+
+def claim_folder(folder: str | Path, *, what: str, legacy_signs: Iterable[str] = ()) -> Path:
+    """Make ``folder`` an output folder of drray's that later commands add to (a run directory):
+    create it, or accept it when it is empty, marked by drray, or holds one of ``legacy_signs``
+    (what such a folder held before marks existed); refuse anything else before any work starts."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotOurOutput(f"{what} {folder} is a file, not a folder: point it at a new or empty folder")
+    if folder.is_dir() and read_mark(folder) is None:
+        names = {p.name for p in folder.iterdir()}
+        if names and not names & set(legacy_signs):
+            raise NotOurOutput(
+                f"{what} {folder} is a folder drray did not write (it holds {_listing(names)}); drray "
+                f"writes reports, models and stage outputs there, so it stops here: choose a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if read_mark(folder) is None:
+        atomic_write_json(folder / OUTPUT_MARK, _mark(what, None))
+    return folder
+
+
+def _files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {OUTPUT_MARK}
+
+
+def clear_own_files(folder: str | Path, *, what: str) -> None:
+    """Before drray rewrites a folder of files (``drray synth``): remove the files its last run
+    there wrote, as its mark lists them, and nothing else. A folder holding any file the mark
+    does not list (or without a mark) is refused."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotOurOutput(f"{what} {folder} is a file, not a folder: choose a new or empty folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    mark = read_mark(folder)
+    present = _files_under(folder)
+    if mark is None or "entries" not in mark:
+        raise NotOurOutput(f"{what} {folder} is a folder drray did not write (it holds {_listing(present)}): "
+                           f"choose a new or empty folder")
+    foreign = present - set(mark["entries"])
+    if foreign:
+        raise NotOurOutput(f"{what} {folder} holds files drray did not write ({_listing(foreign)}): move them "
+                           f"out or choose another folder")
+    for name in present:
+        (folder / name).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    (folder / OUTPUT_MARK).unlink()
+
+
+def mark_files(folder: str | Path, *, what: str) -> None:
+    """Mark every file now under ``folder`` as written by drray (see :func:`clear_own_files`)."""
+    folder = Path(folder)
+    atomic_write_json(folder / OUTPUT_MARK, _mark(what, _files_under(folder)))
+
+
+def refuse_overlap(out: str | Path, folders: dict[str, str | Path], *, what: str,
+                   files: Iterable[str | Path] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder (``folders``:
+    description -> path), or that holds an input file: replacing the output folder would delete
+    those inputs, or mix outputs into them."""
+    out_r = Path(out).resolve()
+    for name, folder in folders.items():
+        folder_r = Path(folder).resolve()
+        relation = ("is" if out_r == folder_r else "contains" if out_r in folder_r.parents
+                    else "is inside" if folder_r in out_r.parents else None)
+        if relation:
+            raise NotOurOutput(f"{what} {out} {relation} {name} {folder}: the output folder is replaced "
+                               f"whole, so it must lie outside the inputs; choose another {what}")
+    for file in files:
+        if out_r in Path(file).resolve().parents:
+            raise NotOurOutput(f"{what} {out} holds the input file {file}: the output folder is replaced "
+                               f"whole, so it must not hold inputs; choose another {what}")
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, what: str = "output folder",
+                     legacy: Legacy | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``final``; on success it replaces ``final``.
 
-    On an exception the temporary directory is removed and ``final`` is left as it was.
-    The swap is two renames (old aside, new in): a reader never sees a partly written
-    directory, only the old one, none, or the new one.
+    ``final`` must be replaceable (:func:`check_replaceable`), checked before the work and again
+    before the swap. On an exception the temporary directory is removed and ``final`` is left as
+    it was. The swap is two renames (old aside, new in): a reader never sees a partly written
+    directory, only the old one, none, or the new one. The new directory carries drray's mark.
     """
     final = Path(final)
+    check_replaceable(final, what=what, legacy=legacy)
     final.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = final.with_name(f".{final.name}.tmp-{token}")
     tmp.mkdir()
     try:
         yield tmp
+        check_replaceable(final, what=what, legacy=legacy)  # nothing of the user's arrived meanwhile
+        atomic_write_json(tmp / OUTPUT_MARK, _mark(what, (p.name for p in tmp.iterdir())))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

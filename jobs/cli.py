@@ -77,7 +77,10 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
     if test_n and style != "eyepacs":
         raise click.UsageError("--test-n applies to --style eyepacs only")
     spec = SyntheticConfig(n=n, test_n=test_n, style=style, seed=seed, original_size=original_size)
-    summary = synth_job.run(out, spec, workers=workers)
+    try:
+        summary = synth_job.run(out, spec, workers=workers)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     grades = ", ".join(f"{g}: {c}" for g, c in summary["grades"].items())
     click.echo(f"wrote {summary['images']} images to {out} (grades {grades}; labels: "
                f"{', '.join(summary['label_files'])})")
@@ -93,8 +96,9 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
               help="Label CSV (repeatable); a relative path is also looked up inside --images. "
                    "Images without a label row are kept as unlabeled.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output: OUT/shards/*.parquet, OUT/rejects.parquet, OUT/manifest.json "
-                   "(replaced atomically if it exists).")
+              help="Output: OUT/shards/*.parquet, OUT/rejects.parquet, OUT/manifest.json. Must lie "
+                   "outside --images and be new, empty or a prepared set drray wrote (then replaced "
+                   "once the new one is complete; a run that prepares nothing keeps it).")
 @click.option("--size", type=click.IntRange(16), default=299, show_default=True,
               help="Output side in pixels; the fundus circle's diameter spans it (299: the paper).")
 @click.option("--format", "image_format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True,
@@ -146,7 +150,8 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
     """
     try:
         cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
+        claim_run_folders(cfg)
+    except (ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         result = job_function(job)(cfg)
@@ -167,6 +172,18 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")
     else:
         click.echo(json.dumps(result, indent=2, default=str))
+
+
+def claim_run_folders(cfg) -> None:
+    """The run directory (and a separate stage cache) must be drray's: checked before any work."""
+    from drray.artifacts import RESOLVED_CONFIG, claim_folder
+    from drray.config import run_dir, stages_dir
+
+    # What a run directory held before drray marked its folders (any one of them is enough).
+    legacy = (RESOLVED_CONFIG, "pipeline.json", "metrics.json", "models", "ray", "data.json", "sweep.json")
+    claim_folder(run_dir(cfg), what="run directory (run.dir)", legacy_signs=legacy)
+    if stages_dir(cfg) != run_dir(cfg):
+        claim_folder(stages_dir(cfg), what="stage cache (run.stages)", legacy_signs=legacy)
 
 
 def job_function(job: str):
@@ -215,6 +232,7 @@ def submit(job, config_path, overrides, profile, nodes, gpus_per_node, cpus_per_
 
     try:
         cfg = load_config(config_path, overrides)
+        claim_run_folders(cfg)
         loaded, source = load_profile(profile)
         chosen = loaded.with_overrides(nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
                                        partition=partition, time_minutes=time_minutes,

@@ -21,7 +21,7 @@ from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.runtime import ensure_ray
 from drray.distributed.train import Scaling, StageRun, fit_stage
-from drray.engine.checkpoint import read_meta
+from drray.engine.checkpoint import MODEL_LEGACY, read_meta
 from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def publish_model(cfg: Config, name: str, stage_out: Path, manifest: dict) -> Pa
     meta = read_meta(source)
     meta.update(source=str(source), preprocessing=manifest["params"], positive=cfg.data.positive)
     final = run_dir(cfg) / "models" / name
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final, what="published model folder", legacy=MODEL_LEGACY) as tmp:
         try:
             os.link(source / "model.pt", tmp / "model.pt")
         except OSError:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drray.artifacts import atomic_directory, atomic_write_json, sha256_file
+from drray.artifacts import Legacy, atomic_directory, atomic_write_json, sha256_file
 from drray.config import Config, run_dir
 from drray.data.shards import read_index
 from drray.data.splits import binary_target
@@ -53,6 +53,8 @@ from jobs import common
 from jobs.prepare import ensure_prepared
 
 log = logging.getLogger(__name__)
+# An evaluation folder written before drray marked its output folders (see drray.artifacts).
+EVALUATION_LEGACY = Legacy("metrics.json", frozenset({"metrics.json", "predictions.parquet", "*.png"}))
 VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
 PIPELINE_MODELS = ("supervised", "mixmatch", "fixmatch", "teacher", "student")  # the order of tables and plots
 
@@ -132,7 +134,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
           file=sys.stderr, flush=True)
     ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=cfg.evaluate.tsne_images > 0)
     columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, what="evaluation folder", legacy=EVALUATION_LEGACY) as tmp:
         _write_predictions(columns, models, tmp / "predictions.parquet")
         metrics = compute_metrics(columns, models, cfg)
         _figures(columns, models, metrics, cfg, tmp)

@@ -9,6 +9,7 @@ process (a folder from a clinic); for pools of hundreds of thousands, use the Ra
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from drray.artifacts import NotOurOutput
 from drray.data.prepare import PrepareParams, prepare_rows
 from drray.data.sources import list_image_files
 from drray.data.transforms import decode_to_tensor
@@ -58,6 +60,7 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
 
     if out.suffix not in FORMATS:
         raise ValueError(f"--out {out}: write .csv or .parquet")
+    check_out_file(out)
     meta = read_meta(model_dir)
     cut, source = operating_threshold(meta, threshold)
     params = preprocessing_of(meta)
@@ -85,6 +88,27 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
         progress(len(rows), len(files))
     _write(pa.Table.from_pylist(rows, schema=SCHEMA), out)
     return _summary(rows, out, source)
+
+
+def check_out_file(out: Path) -> None:
+    """``--out`` may be new or a table an earlier ``drray predict`` wrote (its exact columns);
+    anything else there is the user's, and is never overwritten."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_file() and not out.is_symlink() and _columns(out) == SCHEMA.names:
+        return
+    raise NotOurOutput(f"--out {out} exists and is not a table drray predict wrote: choose a new file name "
+                       f"(drray never overwrites a file it did not write)")
+
+
+def _columns(path: Path) -> list[str] | None:
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_schema(path).names
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, pa.ArrowException, csv.Error):
+        return None
 
 
 def _write(table: pa.Table, out: Path) -> None:

@@ -13,13 +13,19 @@ import hashlib
 import logging
 from pathlib import Path
 
-from drray.artifacts import atomic_write_json, sha256_file, write_resolved_config
+from drray.artifacts import (
+    atomic_write_json,
+    check_replaceable,
+    refuse_overlap,
+    sha256_file,
+    write_resolved_config,
+)
 from drray.config import Config, DatasetConfig, run_dir
 from drray.data.prepare import PrepareParams
-from drray.data.shards import PreparedDataError, read_manifest
+from drray.data.shards import PREPARED_LEGACY, PreparedDataError, read_manifest
 from drray.data.sources import InputItem, collect_inputs
 from drray.data.splits import random_partition, read_partition
-from drray.distributed.prepare import prepare_dataset
+from drray.distributed.prepare import prepare_dataset, reject_summary
 from drray.progress import Progress
 from jobs import synth
 
@@ -33,9 +39,11 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
     """Prepare one raw data set into ``out``; return its manifest.
 
     With ``reuse_current``, an existing output made from the same inputs (file names, sizes,
-    times, label contents) with the same parameters is kept as it is.
+    times, label contents) with the same parameters is kept as it is. ``out`` must lie outside
+    the inputs and be new, empty or a prepared set drray wrote: checked before any work.
     """
     report = collect_inputs(source, images, labels)
+    check_output(out, images, report.label_files)
     split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
                   "test_fraction": test_fraction, "seed": seed}
     fingerprint = hashlib.sha256(f"{report.fingerprint}{split_rule}".encode()).hexdigest()
@@ -50,6 +58,12 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
         duplicate_label_rows=report.duplicate_label_rows, inputs_fingerprint=fingerprint,
         batch_size=batch_size, num_cpus=num_cpus, progress=Progress(f"prepare {source} -> {out}"),
     )
+
+
+def check_output(out: str | Path, images: str | Path, label_files: list[Path]) -> None:
+    """Refuse an ``out`` whose replacement would destroy inputs or anything drray did not write."""
+    refuse_overlap(out, {"--images": images}, files=label_files, what="--out")
+    check_replaceable(out, what="--out", legacy=PREPARED_LEGACY)
 
 
 def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) -> dict | None:
@@ -92,11 +106,15 @@ def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
                 f"(--set data.{name}.images=PATH) or add a data.{name}.synthetic section to generate data."
             )
         synth.run(images, ds.synthetic)
-    return prepare_source(
+    manifest = prepare_source(
         source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),
         partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
         batch_size=cfg.data.prepare_batch, num_cpus=cfg.run.num_cpus, reuse_current=True,
     )
+    if not manifest["counts"]["prepared"]:
+        raise ValueError(f"data.{name}: no image of {images} could be prepared ({reject_summary(manifest)}); "
+                         f"the reasons per file are in {ds.prepared}/rejects.parquet")
+    return manifest
 
 
 def run(cfg: Config) -> dict:

@@ -191,3 +191,20 @@ def test_missing_real_data_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 1
     assert "data.eyepacs.images" in proc.stderr and "not found" in proc.stderr
+
+
+def test_a_run_that_prepares_nothing_keeps_the_good_set(ray_session, messy_eyepacs, tmp_path):
+    out = tmp_path / "prepared"
+    good = ["prepare", "--source", "eyepacs", "--images", str(messy_eyepacs), "--labels", "trainLabels.csv",
+            "--out", str(out), "--size", "32"]
+    assert CliRunner().invoke(main, good).exit_code == 0
+    before = read_manifest(out)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.jpeg").write_bytes(b"")
+    (junk / "y.png").write_text("not an image")
+    result = CliRunner().invoke(main, ["prepare", "--source", "folder", "--images", str(junk), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "no image could be prepared" in result.output and "kept" in result.output
+    assert read_manifest(out) == before and len(read_index(out)) == before["counts"]["prepared"]
+    assert not list(tmp_path.glob(".prepared.*"))

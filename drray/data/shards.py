@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drray.artifacts import sha256_file
+from drray.artifacts import Legacy, sha256_file
 
 SHARD_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -36,6 +36,8 @@ REJECT_SCHEMA = pa.schema([
 ])
 INDEX_COLUMNS = ["image_id", "grade", "source", "split"]  # everything but the pixels
 MANIFEST = "manifest.json"
+# A prepared set written before drray marked its output folders: what it may hold.
+PREPARED_LEGACY = Legacy(MANIFEST, frozenset({MANIFEST, "rejects.parquet", "shards"}))
 
 
 class PreparedDataError(ValueError):

@@ -4,7 +4,9 @@ Ray Data runs :func:`drray.data.prepare.prepare_rows` over the inputs in paralle
 each) and streams the results back in input order; the driver splits them into shards and
 rejects as they arrive. One pass yields both halves of the contract with exact counts, shard
 names that do not depend on scheduling, and flat memory (Ray Data's backpressure bounds what is
-in flight). Everything is written into a temporary directory that replaces ``OUT`` at the end.
+in flight). Everything is written into a temporary directory that replaces ``OUT`` at the end,
+and only when something was prepared or ``OUT`` held no prepared images: a run that prepared
+nothing never replaces a good prepared set.
 """
 
 from __future__ import annotations
@@ -26,12 +28,24 @@ from drray.artifacts import (
     sha256_file,
 )
 from drray.data.prepare import PrepareParams, build_manifest, prepare_rows, reject_row
-from drray.data.shards import MANIFEST, REJECT_SCHEMA, ShardWriter, write_rejects
+from drray.data.shards import (
+    MANIFEST,
+    PREPARED_LEGACY,
+    REJECT_SCHEMA,
+    PreparedDataError,
+    ShardWriter,
+    read_manifest,
+    write_rejects,
+)
 from drray.data.sources import InputItem
 from drray.distributed.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
+
+
+class NothingPrepared(ValueError):
+    """No input could be prepared, and the output folder already holds a good prepared set."""
 
 
 def _prepare_batch(batch: pa.Table, params: PrepareParams) -> pa.Table:
@@ -60,7 +74,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
     if todo:
         ensure_ray(num_cpus)
     timing = {"ray_start_s": round(time.time() - started, 2)}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, what="prepared-data folder", legacy=PREPARED_LEGACY) as tmp:
         writer = ShardWriter(tmp / "shards", rows_per_shard)
         pipeline_started = time.time()
         for batch in _run_pipeline(todo, params, batch_size):
@@ -85,8 +99,28 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             shards=shards, duplicate_label_rows=duplicate_label_rows, started=started,
             content_hash=_content_hash(shards), inputs_fingerprint=inputs_fingerprint, timing=timing,
         )
+        if not prepared_rows:
+            _keep_previous_if_good(out, manifest)
         atomic_write_json(tmp / MANIFEST, manifest)  # written last: its presence means complete
     return manifest
+
+
+def _keep_previous_if_good(out: Path, failed: dict) -> None:
+    """Raise (so the new, empty set is thrown away) when ``out`` holds prepared images."""
+    try:
+        previous = read_manifest(out)["counts"]["prepared"]
+    except (PreparedDataError, KeyError, ValueError):
+        return
+    if previous:
+        raise NothingPrepared(
+            f"no image could be prepared ({reject_summary(failed)}); the prepared set already in {out} "
+            f"({previous} images) is kept as it was")
+
+
+def reject_summary(manifest: dict) -> str:
+    counts = manifest["counts"]
+    kinds = ", ".join(f"{k} {v}" for k, v in counts["rejected_by_reason"].items())
+    return f"{counts['rejected']} of {counts['inputs']} inputs rejected: {kinds or 'none'}"
 
 
 def _run_pipeline(todo: list[dict], params: PrepareParams, batch_size: int):

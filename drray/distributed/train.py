@@ -30,7 +30,7 @@ import torch
 
 from drray.artifacts import atomic_directory, atomic_write_json, atomic_write_text
 from drray.distributed.resources import Demand, check_fits, training_demand
-from drray.engine.checkpoint import load_training_state, save_checkpoint
+from drray.engine.checkpoint import MODEL_LEGACY, load_training_state, save_checkpoint
 from drray.engine.ema import EMA
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
@@ -268,12 +268,12 @@ def _keep_best(run: StageRun, model, metrics: dict) -> None:
     best_meta = Path(run.out_dir) / "best" / "meta.json"
     if best_meta.is_file() and json.loads(best_meta.read_text())["metrics"].get("val_auc", -1) >= auc:
         return
-    with atomic_directory(Path(run.out_dir) / "best") as tmp:
+    with atomic_directory(Path(run.out_dir) / "best", what="best-model folder", legacy=MODEL_LEGACY) as tmp:
         save_checkpoint(tmp, model=model, spec=run.spec, epoch=metrics["epoch"], metrics=metrics)
 
 
 def _finish(run: StageRun, model, metrics: dict) -> None:
-    with atomic_directory(Path(run.out_dir) / "model") as tmp:
+    with atomic_directory(Path(run.out_dir) / "model", what="model folder", legacy=MODEL_LEGACY) as tmp:
         save_checkpoint(tmp, model=model, spec=run.spec, epoch=metrics.get("epoch", run.epochs - 1), metrics=metrics)
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drray.artifacts import Legacy
 from drray.engine.model import ModelSpec, unwrap
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "state.pt", "meta.json"
+# A model folder written before drray marked its output folders (see drray.artifacts).
+MODEL_LEGACY = Legacy(MODEL_FILE, frozenset({MODEL_FILE, STATE_FILE, META_FILE, "ema.pt"}))
 
 
 def rng_state() -> dict:
