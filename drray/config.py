@@ -307,6 +307,11 @@ class Config:
     # Where the config came from; not a YAML key. Relative paths in the file are relative
     # to the current directory (the repo root for the shipped configs), like any CLI path.
     source_file: str = field(default="", compare=False, metadata={"internal": True})
+    # The --set overrides laid over the file, as (dotted key, "key=value"): for error messages.
+    overrides: tuple[tuple[str, str], ...] = field(default=(), compare=False, metadata={"internal": True})
+
+    def origin(self) -> Origin:
+        return Origin(self.source_file or "<config>", dict(self.overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,10 +325,26 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     raw = _read_with_bases(path, ())
+    origin = Origin(str(path))
     for item in overrides:
-        _apply_override(raw, item, path)
-    cfg = _build(Config, raw, "", str(path))
-    return dataclasses.replace(cfg, source_file=str(path))
+        origin.overrides[_apply_override(raw, item, path)] = item
+    cfg = _build(Config, raw, "", origin)
+    return dataclasses.replace(cfg, source_file=str(path), overrides=tuple(origin.overrides.items()))
+
+
+@dataclass
+class Origin:
+    """Where a key's value came from, for error messages: the file, or the ``--set`` that gave it."""
+
+    file: str
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> the --set item
+
+    def of(self, key: str) -> str:
+        key = key.split("[")[0]
+        for given, item in self.overrides.items():
+            if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+                return f"--set {item}"
+        return self.file
 
 
 def read_yaml_mapping(path: Path, expected: str) -> dict:
@@ -355,14 +376,16 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
 
 def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
     """Validate a plain mapping (e.g. a resolved config read back) into a Config."""
-    return _build(Config, raw, "", origin)
+    return _build(Config, raw, "", Origin(origin))
 
 
-def _apply_override(raw: dict, item: str, origin: Path) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
+def _apply_override(raw: dict, item: str, origin: Path) -> str:
+    """Lay ``section.key=value`` over the raw mapping; return the dotted key."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. --set pretrain.epochs=3)")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
@@ -376,11 +399,12 @@ def _apply_override(raw: dict, item: str, origin: Path) -> None:
             raise ConfigError(f"--set {key}: {part!r} is a value, not a section (in {origin})")
         node = child
     node[parts[-1]] = value
+    return key
 
 
-def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, origin: Origin) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: key {prefix or '<top>'!r}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{origin.of(prefix)}: key {prefix or '<top>'!r}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = [k for k in raw if k not in fields]
@@ -389,7 +413,7 @@ def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"{origin}: unknown key {_join(prefix, key)!r}{hint} "
+            f"{origin.of(_join(prefix, key))}: unknown key {_join(prefix, key)!r}{hint} "
             f"(known keys here: {', '.join(fields)})"
         )
     values = {
@@ -397,6 +421,8 @@ def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
         for name in fields
         if name in raw
     }
+    for name, value in values.items():
+        _check_range(name, value, _join(prefix, name), origin)
     return cls(**values)
 
 
@@ -416,7 +442,7 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origin: Origin) -> Any:
     """Check ``value`` against type ``tp``; return it converted (lists to tuples, ...)."""
     origin_tp = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -437,7 +463,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
     if origin_tp is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{origin}: key {key!r}: {value!r} is not one of {choices}")
+            raise ConfigError(f"{origin.of(key)}: key {key!r}: {value!r} is not one of {choices}")
         return value
     if origin_tp is tuple:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -447,7 +473,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{origin}: key {key!r}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{origin.of(key)}: key {key!r}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if isinstance(value, bool):
@@ -470,12 +496,66 @@ def _coerce(tp: Any, value: Any, key: str, origin: str) -> Any:
         if isinstance(value, str):
             return value
         raise _type_error(key, origin, tp, value)
-    raise ConfigError(f"{origin}: key {key!r}: unsupported field type {tp!r}")  # a schema bug
+    raise ConfigError(f"{origin.of(key)}: key {key!r}: unsupported field type {tp!r}")  # a schema bug
 
 
-def _type_error(key: str, origin: str, tp: Any, value: Any) -> ConfigError:
+def _type_error(key: str, origin: Origin, tp: Any, value: Any) -> ConfigError:
     name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-    return ConfigError(f"{origin}: key {key!r}: expected {name}, got {value!r}")
+    return ConfigError(f"{origin.of(key)}: key {key!r}: expected {name}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key admits (for a list, each of its values)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def admits(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE_INT, NON_NEGATIVE, PROBABILITY = Range(1), Range(0), Range(0, 1)
+SHARE = Range(0, 1, lo_open=True)  # a fraction of something that must not be empty
+# Allowed values by key name: a name means the same thing in every section that has it.
+RANGES: dict[str, Range] = {
+    **dict.fromkeys(("epochs", "batch_size", "n", "num_workers", "cpus_per_worker", "concurrency",
+                     "cpus_per_actor", "bootstrap", "mu", "augmentations", "checkpoint_every",
+                     "keep_checkpoints", "prepare_batch", "proj_hidden", "proj_out", "head_hidden",
+                     "concurrent_trials", "patience", "count", "counts", "num_cpus", "max_pixels"), POSITIVE_INT),
+    **dict.fromkeys(("test_n", "warmup_epochs", "val_count", "max_failures", "rampup_epochs", "tsne_images",
+                     "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter"),
+                    NON_NEGATIVE),
+    **dict.fromkeys(("hflip", "vflip", "jitter_prob", "grayscale_prob", "blur_prob", "threshold", "cutout"),
+                    PROBABILITY),
+    **dict.fromkeys(("fraction", "fractions", "crop_scale"), SHARE),
+    **dict.fromkeys(("lr", "temperature", "alpha", "frame_scale", "trial_cpus"), Range(0, lo_open=True)),
+    **dict.fromkeys(("sensitivities", "operating_sensitivity"), Range(0, 1, lo_open=True, hi_open=True)),
+    **dict.fromkeys(("dropout", "ema_decay", "momentum"), Range(0, 1, hi_open=True)),
+    "size": Range(16),
+    "jpeg_quality": Range(1, 100),
+    "rotation": Range(0, 180),
+}
+
+
+def _check_range(name: str, value: Any, key: str, origin: Origin) -> None:
+    allowed = RANGES.get(name)
+    if allowed is None or value is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, int | float) and not isinstance(v, bool) and not allowed.admits(v):
+            raise ConfigError(f"{origin.of(key)}: key {key!r}: {value!r} is out of range (allowed: {allowed})")
+    if name == "crop_scale" and value[0] > value[1]:
+        raise ConfigError(f"{origin.of(key)}: key {key!r}: {value!r}: the smallest crop exceeds the largest")
 
 
 def _join(prefix: str, key: Any) -> str:

@@ -149,9 +149,8 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
     Jobs:
     """
     try:
-        cfg = load_config(config_path, overrides)
-        claim_run_folders(cfg)
-    except (ConfigError, ValueError) as exc:
+        cfg = checked_config(config_path, overrides, job)
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         result = job_function(job)(cfg)
@@ -172,6 +171,20 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")
     else:
         click.echo(json.dumps(result, indent=2, default=str))
+
+
+# Jobs that load no weights to train from: their settings checks skip weight files.
+NO_TRAINING = {"prepare", "evaluate"}
+
+
+def checked_config(config_path: Path, overrides: tuple[str, ...], job: str):
+    """The validated config, every setting checked and the run folders claimed: before any work."""
+    from drray.settings import check_settings
+
+    cfg = load_config(config_path, overrides)
+    check_settings(cfg, files=job not in NO_TRAINING)
+    claim_run_folders(cfg)
+    return cfg
 
 
 def claim_run_folders(cfg) -> None:
@@ -231,8 +244,7 @@ def submit(job, config_path, overrides, profile, nodes, gpus_per_node, cpus_per_
     from jobs import submit as submit_job
 
     try:
-        cfg = load_config(config_path, overrides)
-        claim_run_folders(cfg)
+        cfg = checked_config(config_path, overrides, job)
         loaded, source = load_profile(profile)
         chosen = loaded.with_overrides(nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_node=cpus_per_node,
                                        partition=partition, time_minutes=time_minutes,

@@ -123,3 +123,82 @@ def test_resolved_config_round_trips():
 def test_wrong_type_for_an_optional_field_is_a_config_error():
     with pytest.raises(ConfigError, match="labels.fraction"):
         load_config(REPO / "configs" / "ci.yaml", ["labels.fraction=abc"])
+
+
+# --- every setting checked before any work (ranges, names, files), each message naming key,
+# --- value, origin and what is allowed
+
+
+@pytest.mark.parametrize("item, key, allowed", [
+    ("pretrain.epochs=-1", "pretrain.epochs", ">= 1"),
+    ("labels.fraction=0", "labels.fraction", "(0, 1]"),
+    ("labels.fraction=1.5", "labels.fraction", "(0, 1]"),
+    ("data.size=0", "data.size", ">= 16"),
+    ("distill.batch_size=0", "distill.batch_size", ">= 1"),
+    ("finetune.optim.lr=0", "finetune.optim.lr", "> 0"),
+    ("pretrain.augment.blur_prob=1.2", "pretrain.augment.blur_prob", "[0, 1]"),
+    ("pretrain.augment.crop_scale=[0.0,1.0]", "pretrain.augment.crop_scale", "(0, 1]"),
+    ("pseudolabel.concurrency=0", "pseudolabel.concurrency", ">= 1"),
+    ("sweep.fractions=[0.1,2]", "sweep.fractions", "(0, 1]"),
+    ("evaluate.sensitivities=[0.9,1.0]", "evaluate.sensitivities", "(0, 1)"),
+])
+def test_out_of_range_values_name_key_value_origin_and_range(item, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "ci.yaml", [item])
+    message = str(err.value)
+    assert message.startswith(f"--set {item}: key '{key}'"), message
+    assert item.partition("=")[2].split(",")[0].strip("[") in message and allowed in message
+
+
+def test_a_file_value_out_of_range_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: " + str(REPO / "configs" / "ci.yaml") + "\npretrain:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: key 'pretrain.epochs': 0 is out of range"):
+        load_config(bad)
+
+
+def test_set_mistakes_are_reported_as_set_mistakes():
+    with pytest.raises(ConfigError, match=r"^--set 'epochs=3': expected section.key=value"):
+        load_config(REPO / "configs" / "ci.yaml", ["epochs=3"])
+    with pytest.raises(ConfigError, match=r"^--set pretrain.epochz=3: unknown key 'pretrain.epochz'"):
+        load_config(REPO / "configs" / "ci.yaml", ["pretrain.epochz=3"])
+    with pytest.raises(ConfigError, match=r"^--set labels.strategy=best: key 'labels.strategy'"):
+        load_config(REPO / "configs" / "ci.yaml", ["labels.strategy=best"])
+
+
+def test_unknown_backbones_and_missing_weights_fail_before_any_work(tmp_path):
+    from drray.settings import check_settings
+
+    def check(*items, files=True):
+        check_settings(load_config(REPO / "configs" / "ci.yaml", list(items)), files=files)
+
+    with pytest.raises(ConfigError, match=r"^--set supervised.backbone=resnet181: key 'supervised.backbone': "
+                                          r"unknown backbone 'resnet181' \(choose one of: .*resnet18"):
+        check("supervised.backbone=resnet181")
+    with pytest.raises(ConfigError, match="'distill.weights' is not set, but distill.init is imagenet"):
+        check("distill.init=imagenet")
+    check("distill.init=imagenet", files=False)  # prepare needs no weights
+    with pytest.raises(ConfigError, match="'finetune.start_from': '/nowhere' is neither a stage"):
+        check("finetune.start_from=/nowhere")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    check("distill.init=imagenet", f"distill.weights={weights}")
+    check("finetune.start_from=none", "finetune.backbone=resnet18")
+    for name in ("ci", "demo", "sweep-ci", "paper"):
+        check_settings(load_config(REPO / "configs" / f"{name}.yaml"), files=name != "paper")
+
+
+def test_the_cli_checks_settings_before_it_creates_or_starts_anything(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import drray.distributed.runtime as runtime
+    from jobs.cli import main
+
+    monkeypatch.setattr(runtime, "ensure_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
+    run = tmp_path / "run"
+    for item in ("pretrain.epochs=-1", "labels.fraction=1.5", "supervised.backbone=resnet181"):
+        result = CliRunner().invoke(main, ["run", "pipeline", "--config", str(REPO / "configs" / "ci.yaml"),
+                                           "--set", f"run.dir={run}", "--set", item])
+        assert result.exit_code == 1 and f"--set {item}" in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not run.exists()
