@@ -31,6 +31,7 @@ table1: install
 bench: install
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/fit_overhead.py
 	$(BIN)/python bench/pseudolabel.py
 	$(BIN)/python bench/synth_colour.py
 	$(BIN)/python bench/demo.py

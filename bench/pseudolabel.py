@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from drray.config import load_config
-    from jobs.prepare import ensure_prepared
+    from drray.distributed.prepare import ensure_prepared
 
     cfg = load_config(args.config, args.overrides)
     ensure_prepared("eyepacs", cfg.data.eyepacs, cfg)

@@ -31,7 +31,7 @@ from drray.data.transforms import AugmentSpec, decode_to_tensor, simclr_view
 from drray.engine.loop import make_scaler, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec
 from drray.engine.optim import build_optimizer, build_scheduler
-from drray.engine.steps import simclr_step
+from drray.methods import SimCLR
 from drray.config import to_dict
 import pyarrow.parquet as pq
 
@@ -67,7 +67,8 @@ dtype = resolve_precision(p.scaling.precision, device)
 scaler = make_scaler(device, dtype)
 rates = []
 for epoch in range(epochs):
-    m = train_epoch(model, loader, simclr_step(p.temperature, False), opt, sched, scaler, device=device,
+    m = train_epoch(model, loader, SimCLR(AugmentSpec(size=cfg.data.size), p.temperature, False).step(), opt,
+                    sched, scaler, device=device,
                     dtype=dtype, channels_last=p.scaling.channels_last)
     rates.append(m["images_per_s"])
 print(json.dumps(rates))
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    overrides = [f"pretrain.epochs={args.epochs}", "pretrain.scaling.num_workers=1", *args.overrides]
+    overrides = [f"pretrain.epochs={args.epochs}", "pretrain.scaling.num_workers=1", "pretrain.scaling.runtime=ray",
+                 *args.overrides]
 
     # the data must exist before either side is timed
     run_measured([sys.executable, "-m", "jobs.cli", "run", "prepare", "--config", args.config])

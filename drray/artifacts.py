@@ -81,6 +81,11 @@ def _listing(names: Iterable[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _is_temporary(name: str) -> bool:
+    """A temporary file of drray's atomic writes, left by a killed run (``.<name>.tmp-<token>``)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def check_replaceable(final: str | Path, *, what: str, legacy: Legacy | None = None) -> None:
     """Raise :class:`NotOurOutput` unless ``final`` may be replaced whole: it is absent, an empty
     folder, or a folder holding only what drray's mark in it lists (or, for folders from before
@@ -90,7 +95,7 @@ def check_replaceable(final: str | Path, *, what: str, legacy: Legacy | None = N
         return
     if final.is_symlink() or not final.is_dir():
         raise NotOurOutput(f"{what} {final} exists and is not a folder drray wrote: choose a new or empty folder")
-    names = {p.name for p in final.iterdir()} - {OUTPUT_MARK}
+    names = {p.name for p in final.iterdir() if not _is_temporary(p.name)} - {OUTPUT_MARK}
     if not names:
         return
     mark = read_mark(final)
@@ -110,14 +115,16 @@ def check_replaceable(final: str | Path, *, what: str, legacy: Legacy | None = N
 
 def claim_folder(folder: str | Path, *, what: str, legacy_signs: Iterable[str] = ()) -> Path:
     """Make ``folder`` an output folder of drray's that later commands add to (a run directory):
-    create it, or accept it when it is empty, marked by drray, or holds one of ``legacy_signs``
-    (what such a folder held before marks existed); refuse anything else before any work starts."""
+    create it, or accept it when it is empty, marked by drray, or holds an entry matching one of
+    ``legacy_signs`` (glob patterns: what such a folder held before marks existed); refuse
+    anything else before any work starts."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotOurOutput(f"{what} {folder} is a file, not a folder: point it at a new or empty folder")
     if folder.is_dir() and read_mark(folder) is None:
         names = {p.name for p in folder.iterdir()}
-        if names and not names & set(legacy_signs):
+        signs = list(legacy_signs)
+        if names and not any(fnmatch.fnmatchcase(n, sign) for n in names for sign in signs):
             raise NotOurOutput(
                 f"{what} {folder} is a folder drray did not write (it holds {_listing(names)}); drray "
                 f"writes reports, models and stage outputs there, so it stops here: choose a new or empty folder")
@@ -218,6 +225,97 @@ def clean_stale_temporaries(final: str | Path) -> None:
     if final.parent.is_dir():
         for p in final.parent.glob(f".{final.name}.*-*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """A stage's directory and its layout: the one place its file names are spelled out.
+
+    ``done.json`` is written last, when the stage is complete: a directory without it is a stage
+    that has not finished (it may hold a half-trained run's metrics and best model).
+    """
+
+    path: Path
+
+    DONE = "done.json"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> Path:  # the final model
+        return self.path / "model"
+
+    @property
+    def best(self) -> Path:  # the best model by validation AUC, where the stage validated
+        return self.path / "best"
+
+    @property
+    def metrics_file(self) -> Path:  # one JSON line per epoch and per event
+        return self.path / "metrics.jsonl"
+
+    @property
+    def done_file(self) -> Path:
+        return self.path / self.DONE
+
+    @property
+    def subset_file(self) -> Path:  # the labeled subset and validation hold-out it trained on
+        return self.path / "subset.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / RESOLVED_CONFIG
+
+    def file(self, name: str) -> Path:
+        """A stage's own output file (pseudolabels.parquet, pseudolabel_join.json, ...)."""
+        return self.path / name
+
+    def final_model(self) -> Path:
+        """The model a stage hands on: its best by validation AUC where it validated, else the last."""
+        return self.best if (self.best / "model.pt").is_file() else self.model
+
+    def is_done(self) -> bool:
+        return self.done_file.is_file()
+
+    def done(self) -> dict | None:
+        """What the finished stage recorded, or None when it has not finished."""
+        return json.loads(self.done_file.read_text()) if self.is_done() else None
+
+    def write_done(self, record: dict) -> None:
+        atomic_write_json(self.done_file, record)
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def epochs(self) -> list[int]:
+        return [r["epoch"] for r in self.metrics() if "epoch" in r]
+
+    def append_metrics(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def best_metrics(self) -> dict | None:
+        meta = self.best / "meta.json"
+        return json.loads(meta.read_text())["metrics"] if meta.is_file() else None
+
+    def write_pid(self, rank: int) -> None:
+        """Which process is which rank: for operators (and the fault-injection tests)."""
+        (self.path / "workers").mkdir(parents=True, exist_ok=True)
+        (self.path / "workers" / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+
+    def write_timeline(self, rank: int, times: dict) -> None:
+        """When a rank's fit started, had its model ready, and waited for its first batch."""
+        atomic_write_json(self.path / "workers" / f"rank{rank}.timeline.json", times)
+
+    def timeline(self, rank: int = 0) -> dict:
+        return json.loads((self.path / "workers" / f"rank{rank}.timeline.json").read_text())
+
+    def pid(self, rank: int) -> int:
+        return int((self.path / "workers" / f"rank{rank}.pid").read_text())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

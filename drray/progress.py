@@ -1,9 +1,16 @@
-"""A one-line progress display for long work: done/total, rate and time left."""
+"""What the console shows: progress lines with a stage prefix (``say``) and a one-line progress
+display for long work (``Progress``: done/total, rate and time left). Both go to stderr, so a
+job's results on stdout stay clean; diagnostic detail goes through ``logging`` (``drray -v``)."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+
+def say(prefix: str, text: str) -> None:
+    """A progress or warning line on the console: ``[prefix] text``, the one format every job uses."""
+    print(f"[{prefix}] {text}", file=sys.stderr, flush=True)
 
 
 class Progress:

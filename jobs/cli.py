@@ -12,23 +12,24 @@ import click
 
 import drray
 from drray.config import ConfigError, SyntheticConfig, load_config
+from jobs.stages import STAGES
 
-# Jobs that `drray run JOB --config CFG` knows: name -> (module, one-line description).
-JOBS = {
-    "prepare": ("jobs.prepare:run", "synthesise (where configured) and prepare every data set the config names"),
-    "pretrain": ("jobs.pretrain:run", "stage 1: SimCLR pretraining on the unlabeled train pool (Ray Train)"),
-    "finetune": ("jobs.finetune:run", "stage 2: fine-tune from finetune.start_from (the teacher, by default)"),
-    "pseudolabel": ("jobs.pseudolabel:run", "between stages 2 and 3: the teacher labels the unlabeled pool (Ray Data)"),
-    "distill": ("jobs.distill:run", "stage 3: train the student on the teacher's pseudo-labels"),
-    "student-finetune": ("jobs.finetune:run_student", "stage 4: fine-tune the distilled student on the labels"),
-    "supervised": ("jobs.finetune:run_supervised", "baseline: train on the labeled subset alone (no pretraining)"),
-    "fixmatch": ("jobs.semisupervised:run_fixmatch", "baseline: FixMatch on the labeled subset + the unlabeled pool"),
-    "mixmatch": ("jobs.semisupervised:run_mixmatch", "baseline: MixMatch on the labeled subset + the unlabeled pool"),
-    "evaluate": ("jobs.evaluate:run", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots"),
-    "pipeline": ("jobs.pipeline:run", "every stage above, then evaluate and RUN/report.md (finished stages skipped)"),
+# Jobs that `drray run JOB --config CFG` knows besides the stages (jobs.stages.STAGES): the
+# commands that run several stages. name -> (module:function, one-line description).
+COMPOSITE_JOBS = {
+    "pipeline": ("jobs.pipeline:run", "every stage, then evaluate and RUN/report.md (finished stages skipped)"),
     "table1": ("jobs.table1:run", "every row of the paper's Table 1 (pipeline + FixMatch, MixMatch, supervised at 100%)"),
     "sweep": ("jobs.sweep:run", "the pipeline over sweep.fractions x sweep.seeds (Ray Tune), one shared pretraining"),
 }
+
+
+def _jobs() -> dict[str, tuple[str, str]]:
+    jobs = {s.name: (s.runner, s.what) for s in STAGES.values()}
+    jobs.update({alias: (s.runner, f"the {s.name} stage (older name)") for s in STAGES.values() for alias in s.aliases})
+    return {**jobs, **COMPOSITE_JOBS}
+
+
+JOBS = _jobs()
 
 EXAMPLES = """
 \b
@@ -72,13 +73,13 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
     Grades 0-4 in EyePACS proportions (73.5/7.0/15.1/2.5/2.0 %); lesions by grade; camera
     variety (frame size, cut circles, exposure, blur, colour cast, noise, notches).
     """
-    from jobs import synth as synth_job
+    from drray.data.synthetic import write_dataset
 
     if test_n and style != "eyepacs":
         raise click.UsageError("--test-n applies to --style eyepacs only")
     spec = SyntheticConfig(n=n, test_n=test_n, style=style, seed=seed, original_size=original_size)
     try:
-        summary = synth_job.run(out, spec, workers=workers)
+        summary = write_dataset(out, spec, workers=workers)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     grades = ", ".join(f"{g}: {c}" for g, c in summary["grades"].items())
@@ -118,7 +119,8 @@ def prepare(source, images, labels, out, size, image_format, partition, test_fra
     when at least one image was prepared.
     """
     from drray.data.prepare import PrepareParams
-    from jobs.prepare import format_summary, prepare_source
+    from drray.distributed.prepare import prepare_source
+    from jobs.prepare import format_summary
 
     params = PrepareParams(size=size, image_format=image_format)
     try:
@@ -159,7 +161,7 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
     if job == "prepare":
         from jobs.prepare import format_summary
 
-        for counts in result.values():
+        for counts in result["datasets"].values():
             click.echo(format_summary(counts, counts["prepared_dir"]))
     elif job == "pipeline":
         click.echo(_pipeline_summary(result))
@@ -193,7 +195,8 @@ def claim_run_folders(cfg) -> None:
     from drray.config import run_dir, stages_dir
 
     # What a run directory held before drray marked its folders (any one of them is enough).
-    legacy = (RESOLVED_CONFIG, "pipeline.json", "metrics.json", "models", "ray", "data.json", "sweep.json")
+    legacy = (RESOLVED_CONFIG, "pipeline.json", "metrics.json", "models", "ray", "data.json", "sweep.json",
+              *(f"{name}-??????????" for name in STAGES))
     claim_folder(run_dir(cfg), what="run directory (run.dir)", legacy_signs=legacy)
     if stages_dir(cfg) != run_dir(cfg):
         claim_folder(stages_dir(cfg), what="stage cache (run.stages)", legacy_signs=legacy)
@@ -361,7 +364,7 @@ def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, b
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def report(run_dir: Path) -> None:
     """Rebuild RUN_DIR/report.md and report.html from what the pipeline wrote (reruns nothing)."""
-    from jobs.report import build
+    from drray.report import build
 
     try:
         result = build(run_dir)

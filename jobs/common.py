@@ -1,13 +1,11 @@
-"""What the stage jobs share: prepared data, the labeled subset, stage directories and keys.
+"""What the stage jobs share: prepared data, the labeled subset, fit plans and publishing.
 
-A stage's directory is ``RUN/<stage>-<key>``, the key a hash of its config section, the data
-it reads and its upstream stage's key: a changed setting gets a fresh directory, the same
-settings find their own again (and Ray Train's checkpoints in ``RUN/ray``).
+Where a stage's output lives, and what its key is made of, is the stage graph's business
+(``jobs.stages``); this module is what a job needs to run once it knows its directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,21 +13,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from drray.artifacts import atomic_directory
-from drray.config import Config, ScalingConfig, run_dir, stages_dir, to_dict
+from drray.artifacts import StageDir, atomic_directory, sha256_file, write_resolved_config
+from drray.config import Config, ScalingConfig, run_dir, stages_dir
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
+from drray.distributed.prepare import ensure_prepared
 from drray.distributed.runtime import ensure_ray
-from drray.distributed.train import Scaling, StageRun, fit_stage
+from drray.distributed.train import fit_stage, plan_record
 from drray.engine.checkpoint import MODEL_LEGACY, read_meta
-from jobs.prepare import ensure_prepared
+from drray.engine.fit import FitPlan
+from jobs import stages
 
 log = logging.getLogger(__name__)
-
-
-def key_of(*parts) -> str:
-    text = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def prepared_eyepacs(cfg: Config) -> dict:
@@ -39,17 +34,10 @@ def prepared_eyepacs(cfg: Config) -> dict:
     return manifest
 
 
-def data_key(cfg: Config, manifest: dict) -> str:
-    """What every stage's key includes: the prepared data, the target definition and the run's
-    seed (it seeds every stage's training)."""
-    return key_of(manifest["content_hash"], cfg.data.positive, cfg.run.seed)
-
-
-def training_seed(cfg: Config, stage: str) -> int:
-    """The seed of a stage's training. Stages after pretraining also follow ``labels.seed``: a
-    sweep's seeds then vary both the labeled subset and the initialisation, while the one
-    pretraining they share keeps ``run.seed``. (labels.seed 0 leaves run.seed unchanged.)"""
-    return cfg.run.seed if stage == "pretrain" else cfg.run.seed + 1_000_003 * cfg.labels.seed
+def resolved(cfg: Config, name: str) -> tuple[dict, stages.Resolved]:
+    """The prepared data's manifest and stage ``name`` resolved for ``cfg`` (Ray started)."""
+    manifest = prepared_eyepacs(cfg)
+    return manifest, stages.resolve(cfg, manifest)[stages.stage(name).name]
 
 
 @dataclass(frozen=True)
@@ -57,6 +45,9 @@ class LabeledSubset:
     labeled: dict[str, float]  # image_id -> binary target
     validation: dict[str, float]
     available: int  # labeled train images outside the validation hold-out: what a fraction is of
+
+    def record(self) -> dict:
+        return {"labeled": sorted(self.labeled), "validation": sorted(self.validation)}
 
 
 def labeled_subset(cfg: Config) -> LabeledSubset:
@@ -82,11 +73,65 @@ def pool_ids(cfg: Config) -> list[str]:
     return [r["image_id"] for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train"]
 
 
-def stage_dir(cfg: Config, stage: str, key: str) -> Path:
-    """``<run.stages or RUN>/<stage>-<key>``, absolute: Ray workers run in directories of their own."""
-    path = (stages_dir(cfg) / f"{stage}-{key}").resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def start_stage(cfg: Config, out: StageDir) -> StageDir:
+    """Create a stage's directory (only now: resolving it creates nothing) with its resolved config."""
+    out.path.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out.path, cfg)
+    return out
+
+
+def inputs_of(cfg: Config, r: stages.Resolved) -> dict[str, str]:
+    """The content hash of every file the stage reads from another stage or from the user (a
+    model to start from, a teacher, a pseudo-label table): recorded in done.json, so a stage
+    whose input was replaced under the same key is redone, not trusted."""
+    files = {}
+    for name, path in r.upstream.items():
+        upstream = StageDir(path)
+        if name == "pseudolabel":
+            files[name] = upstream.file(stages.PSEUDOLABELS)
+        elif name == "teacher":  # it labels with its best model
+            files[name] = upstream.final_model() / "model.pt"
+        else:  # a fine-tuning starts from the upstream stage's final weights
+            files[name] = upstream.model / "model.pt"
+    outside = stages.outside_input_file(cfg, r.stage)
+    if outside is not None:
+        files["user"] = outside
+    return {name: sha256_file(f) if f.is_file() else "missing" for name, f in files.items()}
+
+
+def finished(cfg: Config, r: stages.Resolved) -> dict | None:
+    """What a stage that already completed returned (then it is skipped), else None: the same
+    keys as a fresh run's result. Complete means: its done.json exists and records the inputs
+    that are there now (otherwise what it made is removed and it runs again)."""
+    done = r.dir.done()
+    if done is None:
+        return None
+    if done.get("inputs", {}) != inputs_of(cfg, r):
+        log.warning("%s: an input of %s changed since it was made: it runs again", r.stage.name, r.dir.path)
+        reset_stage(cfg, r)
+        return None
+    log.info("%s: complete in %s, skipped", r.stage.name, r.dir.path)
+    result = {"stage": r.stage.name, "dir": str(r.dir.path), "skipped": True, "metrics": done.get("metrics", {})}
+    join = r.dir.file(PSEUDOLABEL_JOIN)
+    if join.is_file():
+        result["pseudolabel_join"] = json.loads(join.read_text())
+    return result
+
+
+def finish_stage(cfg: Config, r: stages.Resolved, record: dict) -> None:
+    """done.json, written last: the stage is complete, made from the inputs it records."""
+    r.dir.write_done({"stage": r.stage.name, **record, "inputs": inputs_of(cfg, r)})
+
+
+def reset_stage(cfg: Config, r: stages.Resolved) -> None:
+    """Remove what a stage made (its directory and its Ray Train checkpoints: both drray's, named
+    by the stage's key), so it runs again from the start."""
+    for path in (r.dir.path, storage(cfg) / r.dir.name):
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+PSEUDOLABEL_JOIN = "pseudolabel_join.json"  # distill: how pseudo-labels met the pool
 
 
 def storage(cfg: Config) -> Path:
@@ -94,32 +139,31 @@ def storage(cfg: Config) -> Path:
     return stages_dir(cfg) / "ray"
 
 
-def scaling_of(cfg: Config, scaling: ScalingConfig, keep_checkpoints: int) -> Scaling:
-    return Scaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                   cpus_per_worker=scaling.cpus_per_worker, keep_checkpoints=keep_checkpoints,
-                   max_failures=cfg.run.max_failures)
-
-
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, n_rows // global_batch)
 
 
-def stage_run(cfg: Config, section, section_name: str, *, name: str, out: Path, spec, step: str,
-              n_rows: int, **extra) -> StageRun:
-    """A stage's StageRun from its config section (epochs, batch_size, optim, scaling,
+def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, **extra) -> FitPlan:
+    """A stage's FitPlan from its config section (epochs, batch_size, optim, scaling,
     checkpoint_every): what every training stage sets the same way."""
-    return StageRun(
-        name=name, out_dir=str(out), spec=spec, step=step, epochs=section.epochs,
-        batch_size=per_worker_batch(section.batch_size, section.scaling, section_name),
-        steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=to_dict(section.optim),
+    section = r.stage.config(cfg)
+    return FitPlan(
+        name=r.stage.name, out_dir=str(r.dir.path), spec=spec, method=method, epochs=section.epochs,
+        batch_size=per_worker_batch(section.batch_size, section.scaling, r.stage.section),
+        steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=section.optim,
         precision=section.scaling.precision, channels_last=section.scaling.channels_last,
-        checkpoint_every=section.checkpoint_every, seed=training_seed(cfg, section_name),
+        checkpoint_every=section.checkpoint_every, seed=stages.training_seed(cfg, r.stage.name),
         epochs_per_pass=epochs_per_pass(section.epochs, n_rows), **extra,
     )
 
 
-def fit(cfg: Config, section, run: StageRun, datasets: dict) -> dict:
-    return fit_stage(run, datasets, scaling_of(cfg, section.scaling, section.keep_checkpoints), storage(cfg))
+def fit(cfg: Config, r: stages.Resolved, plan: FitPlan, streams: dict) -> dict:
+    """Train the stage on Ray Train, then mark it complete."""
+    section = r.stage.config(cfg)
+    metrics = fit_stage(plan, streams, section.scaling, storage(cfg), keep_checkpoints=section.keep_checkpoints,
+                        max_failures=cfg.run.max_failures)
+    finish_stage(cfg, r, {"metrics": metrics, "run": plan_record(plan)})
+    return {"stage": r.stage.name, "dir": str(r.dir.path), "metrics": metrics}
 
 
 def epochs_per_pass(epochs: int, n_rows: int) -> int:
@@ -137,30 +181,10 @@ def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> in
     return global_batch // scaling.num_workers
 
 
-def final_model(out: Path) -> Path:
-    """A stage's model: the best by validation AUC where the stage validated, else the last."""
-    best = out / "best"
-    return best if (best / "model.pt").is_file() else out / "model"
-
-
-def finished(out: Path, stage: str) -> dict | None:
-    """What a stage that already completed in ``out`` returned (then it is skipped), else None:
-    the same keys as a fresh run's result."""
-    if (out / "done.json").is_file() and (out / "model" / "model.pt").is_file():
-        log.info("%s: complete in %s, skipped", stage, out)
-        result = {"stage": stage, "dir": str(out), "skipped": True,
-                  "metrics": json.loads((out / "done.json").read_text())["metrics"]}
-        join = out / "pseudolabel_join.json"
-        if join.is_file():
-            result["pseudolabel_join"] = json.loads(join.read_text())
-        return result
-    return None
-
-
-def publish_model(cfg: Config, name: str, stage_out: Path, manifest: dict) -> Path:
+def publish_model(cfg: Config, name: str, stage_out: StageDir, manifest: dict) -> Path:
     """``RUN/models/<name>``: the stage's final model (weights hard-linked, not copied, where the
     file system allows) with its preprocessing, for ``drray predict`` and ``drray run evaluate``."""
-    source = final_model(stage_out)
+    source = stage_out.final_model()
     meta = read_meta(source)
     meta.update(source=str(source), preprocessing=manifest["params"], positive=cfg.data.positive)
     final = run_dir(cfg) / "models" / name

@@ -1,9 +1,10 @@
 """Stage 3, ``drray run distill``: the student learns the teacher's pseudo-labels on the
 unlabeled pool, with noise on its input (colour jitter, flips).
 
-Pseudo-labels come from the Parquet contract (``image_id``, ``prob``, ``label``). A pool image
-without a pseudo-label, or a pseudo-label without a pool image, is counted and reported in
-``pseudolabel_join.json``, never dropped silently.
+Pseudo-labels come from the Parquet contract (``image_id``, ``prob``, ``label``): the pseudolabel
+stage's table, or ``distill.pseudolabels``. A pool image without a pseudo-label, or a
+pseudo-label without a pool image, is counted and reported in ``pseudolabel_join.json``, never
+dropped silently.
 """
 
 from __future__ import annotations
@@ -13,24 +14,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from drray.artifacts import atomic_write_json, sha256_file, write_resolved_config
+from drray.artifacts import atomic_write_json
 from drray.config import Config
-from drray.distributed.datasets import Selection, stage_dataset
+from drray.distributed.datasets import Selection, Stream
 from drray.engine.model import ModelSpec
-from jobs import common, pseudolabel
+from drray.methods import Classify
+from jobs import common, stages
 
 log = logging.getLogger(__name__)
-
-
-def stage_key(cfg: Config, manifest: dict) -> str:
-    labels = pseudolabel.output_path(cfg, manifest)
-    labels_hash = sha256_file(labels) if labels.is_file() else "missing"
-    return common.key_of("distill", cfg.distill, cfg.data.size, labels_hash, cfg.labels.seed,
-                         common.data_key(cfg, manifest))
-
-
-def output_dir(cfg: Config, manifest: dict) -> Path:
-    return common.stage_dir(cfg, "distill", stage_key(cfg, manifest))
 
 
 def join_pseudolabels(path: Path, pool: list[str], targets: str) -> tuple[dict[str, float], dict]:
@@ -54,26 +45,23 @@ def join_pseudolabels(path: Path, pool: list[str], targets: str) -> tuple[dict[s
 
 
 def run(cfg: Config) -> dict:
-    manifest = common.prepared_eyepacs(cfg)
-    d = cfg.distill
-    out = output_dir(cfg, manifest)
-    if done := common.finished(out, "distill"):
+    manifest, r = common.resolved(cfg, "distill")
+    if done := common.finished(cfg, r):
         return done
-    targets, counts = join_pseudolabels(pseudolabel.output_path(cfg, manifest), common.pool_ids(cfg), d.targets)
-    atomic_write_json(out / "pseudolabel_join.json", counts)
-    if counts["pool_without_pseudolabel"] or counts["pseudolabel_without_image"]:
-        log.warning("distill: %d pool images have no pseudo-label, %d pseudo-labels match no pool image "
-                    "(see %s)", counts["pool_without_pseudolabel"], counts["pseudolabel_without_image"],
-                    out / "pseudolabel_join.json")
+    d = cfg.distill
+    targets, counts = join_pseudolabels(stages.pseudolabels_path(cfg, manifest), common.pool_ids(cfg), d.targets)
     if not targets:
         raise ValueError("distill: no pool image has a pseudo-label")
-    write_resolved_config(out, cfg)
+    common.start_stage(cfg, r.dir)
+    join = r.dir.file(common.PSEUDOLABEL_JOIN)
+    atomic_write_json(join, counts)
+    if counts["pool_without_pseudolabel"] or counts["pseudolabel_without_image"]:
+        log.warning("distill: %d pool images have no pseudo-label, %d pseudo-labels match no pool image "
+                    "(see %s)", counts["pool_without_pseudolabel"], counts["pseudolabel_without_image"], join)
     size = cfg.data.size
-    run_spec = common.stage_run(
-        cfg, d, "distill", name="distill", out=out, step="classify", n_rows=len(targets),
-        spec=ModelSpec("classifier", d.backbone, size, d.init, d.weights, dropout=d.dropout),
-    )
-    selection = Selection(cfg.data.eyepacs.prepared, "train", size, split="train", targets=targets, jitter=d.jitter)
-    datasets = {"train": stage_dataset(selection, run_spec.batch_size, epochs_per_pass=run_spec.epochs_per_pass)}
-    metrics = common.fit(cfg, d, run_spec, datasets)
-    return {"stage": "distill", "dir": str(out), "metrics": metrics, "pseudolabel_join": counts}
+    method = Classify.from_config(d)
+    plan = common.fit_plan(cfg, r, method=method, n_rows=len(targets),
+                           spec=ModelSpec("classifier", d.backbone, size, d.init, d.weights, dropout=d.dropout))
+    selection = Selection(cfg.data.eyepacs.prepared, method.train_views, size, split="train", targets=targets)
+    datasets = {"train": Stream(selection, plan.batch_size, epochs_per_pass=plan.epochs_per_pass)}
+    return {**common.fit(cfg, r, plan, datasets), "pseudolabel_join": counts}

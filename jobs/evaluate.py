@@ -22,15 +22,14 @@ import itertools
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drray.artifacts import Legacy, atomic_directory, atomic_write_json, sha256_file
-from drray.config import Config, run_dir
+from drray.artifacts import Legacy, StageDir, atomic_directory, atomic_write_json, sha256_file
+from drray.config import Config, run_dir, stages_dir
 from drray.data.shards import read_index
 from drray.data.splits import binary_target
 from drray.distributed.datasets import Selection
@@ -41,6 +40,7 @@ from drray.distributed.inference import (
     predictions,
     prob_column,
 )
+from drray.distributed.prepare import ensure_prepared
 from drray.engine.checkpoint import read_meta
 from drray.metrics import (
     bootstrap_auc_ci,
@@ -49,14 +49,13 @@ from drray.metrics import (
     sensitivity_specificity,
     threshold_at_sensitivity,
 )
-from jobs import common
-from jobs.prepare import ensure_prepared
+from drray.progress import say
+from jobs import common, stages
 
 log = logging.getLogger(__name__)
 # An evaluation folder written before drray marked its output folders (see drray.artifacts).
-EVALUATION_LEGACY = Legacy("metrics.json", frozenset({"metrics.json", "predictions.parquet", "*.png"}))
+EVALUATION_LEGACY = Legacy("metrics.json", frozenset({"metrics.json", "predictions.parquet", "*.png", "done.json"}))
 VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
-PIPELINE_MODELS = ("supervised", "mixmatch", "fixmatch", "teacher", "student")  # the order of tables and plots
 
 
 def models_of(cfg: Config) -> dict[str, Path]:
@@ -70,7 +69,7 @@ def models_of(cfg: Config) -> dict[str, Path]:
     else:
         root = run_dir(cfg) / "models"
         found = [p for p in root.glob("*") if (p / "model.pt").is_file()]
-        order = {name: i for i, name in enumerate(PIPELINE_MODELS)}
+        order = {name: i for i, name in enumerate(stages.MODEL_ORDER)}
         chosen = {p.name: p.resolve() for p in sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))}
         if not chosen:
             raise FileNotFoundError(f"evaluate: no models in {root}: run `drray run pipeline` first, or name "
@@ -91,30 +90,32 @@ def evaluation_sets(cfg: Config) -> dict[str, Selection]:
     """The sets every model is evaluated on (the data is prepared: see ``run``)."""
     size, positive = cfg.data.size, cfg.data.positive
     eyepacs = cfg.data.eyepacs.prepared
-    sets = {VALIDATION: Selection(eyepacs, "eval", size, split="train", targets=common.labeled_subset(cfg).validation),
-            EYEPACS_TEST: Selection(eyepacs, "eval", size, split="test",
-                                    targets=labeled_targets(eyepacs, positive, "test"))}
+    sets = {VALIDATION: Selection.clean(eyepacs, size, split="train", targets=common.labeled_subset(cfg).validation),
+            EYEPACS_TEST: Selection.clean(eyepacs, size, split="test", targets=labeled_targets(eyepacs, positive, "test"))}
     if cfg.data.external is not None:
         external = cfg.data.external.prepared
-        sets[EXTERNAL] = Selection(external, "eval", size, split=None,
-                                   targets=labeled_targets(external, positive, None))
+        sets[EXTERNAL] = Selection.clean(external, size, split=None, targets=labeled_targets(external, positive, None))
     empty = [name for name, sel in sets.items() if not sel.targets]
     if empty:
         raise ValueError(f"evaluate: no graded images in {', '.join(empty)}")
     return sets
 
 
-def stage_key(cfg: Config, models: dict[str, Path], manifest: dict, external: dict | None) -> str:
-    return common.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
-                         common.data_key(cfg, manifest), external["content_hash"] if external else None)
+def stage_dir(cfg: Config, models: dict[str, Path], manifest: dict, external: dict | None) -> StageDir:
+    """``<run.stages>/evaluate-<key>``: evaluate is the one stage whose key holds its inputs'
+    content (the models it is given, which any checkpoint folder can be), not upstream keys."""
+    key = stages.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
+                        stages.data_key(cfg, manifest), external["content_hash"] if external else None)
+    return StageDir(stages_dir(cfg).resolve() / f"evaluate-{key}")
 
 
 def run(cfg: Config) -> dict:
     manifest = common.prepared_eyepacs(cfg)
     external = ensure_prepared("external", cfg.data.external, cfg) if cfg.data.external else None
     models = models_of(cfg)
-    out = common.stage_dir(cfg, "evaluate", stage_key(cfg, models, manifest, external))
-    skipped = (out / "metrics.json").is_file()
+    stage = stage_dir(cfg, models, manifest, external)
+    out = stage.path
+    skipped = stage.is_done()
     if skipped:
         log.info("evaluate: complete in %s, skipped", out)
     else:
@@ -130,8 +131,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
     inference = Inference.of(cfg.evaluate)
     check_resources(inference, "evaluate")
     sets = evaluation_sets(cfg)
-    print(f"[evaluate] {len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()),
-          file=sys.stderr, flush=True)
+    say("evaluate", f"{len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()))
     ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=cfg.evaluate.tsne_images > 0)
     columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
     with atomic_directory(out, what="evaluation folder", legacy=EVALUATION_LEGACY) as tmp:
@@ -139,6 +139,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
         metrics = compute_metrics(columns, models, cfg)
         _figures(columns, models, metrics, cfg, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
+        StageDir(tmp).write_done({"stage": "evaluate", "models": {n: str(p) for n, p in models.items()}})
 
 
 def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:

@@ -1,19 +1,18 @@
 """Between stages 2 and 3, ``drray run pseudolabel``: the teacher labels every image of the
 unlabeled pool, as a Ray Data batch-inference job.
 
-Output (``distill.pseudolabels``, by default ``<teacher dir>/pseudolabels.parquet``): one row per
-pool image, ``image_id`` (string), ``prob`` (float32), ``label`` (int8, prob >= threshold), and
-file metadata (key ``drray``) naming the teacher checkpoint and its hash, the pool and its
-preprocessing, and the threshold. The table is written aside and renamed into place when every
-pool image has its row: a killed job leaves no table that distillation would trust. A rerun with
-the same teacher, pool and threshold is skipped; anything else is redone.
+Output: ``<run.stages>/pseudolabel-<key>/pseudolabels.parquet`` (the key: the teacher's key, the
+threshold, the data), one row per pool image, ``image_id`` (string), ``prob`` (float32), ``label``
+(int8, prob >= threshold), with file metadata (key ``drray``) naming the teacher checkpoint and its
+hash, the pool and its preprocessing, and the threshold. The table is written aside and renamed
+into place when every pool image has its row, then ``done.json``: a killed job leaves nothing that
+distillation would trust, and a finished stage is skipped like every other.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,38 +22,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import drray
-from drray.artifacts import clean_stale_temporaries, sha256_file
+from drray.artifacts import StageDir, clean_stale_temporaries, sha256_file
 from drray.config import Config
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import Inference, check_resources, predictions, prob_column
-from drray.progress import Progress
-from jobs import common
+from drray.progress import Progress, say
+from jobs import common, stages
 
 log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("image_id", pa.string()), ("prob", pa.float32()), ("label", pa.int8())])
 METADATA_KEY = b"drray"
 
 
-def output_path(cfg: Config, manifest: dict) -> Path:
-    if cfg.distill.pseudolabels:
-        return Path(cfg.distill.pseudolabels)
-    from jobs import finetune
-
-    return finetune.output_dir(cfg, "finetune", manifest) / "pseudolabels.parquet"
-
-
-def teacher_checkpoint(cfg: Config, manifest: dict) -> Path:
-    from jobs import finetune
-
-    teacher_dir = finetune.output_dir(cfg, "finetune", manifest)
-    if not (teacher_dir / "done.json").is_file():
-        raise FileNotFoundError(f"pseudolabel: no finished teacher in {teacher_dir}; run `drray run finetune` "
+def teacher_checkpoint(r: stages.Resolved) -> Path:
+    teacher = StageDir(r.upstream["teacher"])
+    if not teacher.is_done():
+        raise FileNotFoundError(f"pseudolabel: no finished teacher in {teacher.path}; run `drray run teacher` "
                                 f"with the same config first")
-    return common.final_model(teacher_dir)
+    return teacher.final_model()
 
 
 def provenance(cfg: Config, manifest: dict, teacher: Path) -> dict:
-    """What the table was made from: a table whose provenance differs is redone."""
+    """What the table was made from (its Parquet metadata)."""
     return {
         "teacher": str(teacher), "teacher_sha256": sha256_file(teacher / "model.pt"),
         "pool": str(Path(cfg.data.eyepacs.prepared).resolve()), "pool_split": "train",
@@ -68,30 +57,22 @@ def read_provenance(path: Path) -> dict | None:
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
 
-def _is_current(path: Path, expected: dict) -> bool:
-    if not path.is_file():
-        return False
-    found = read_provenance(path) or {}
-    return {k: found.get(k) for k in expected} == expected
-
-
 def run(cfg: Config) -> dict:
-    manifest = common.prepared_eyepacs(cfg)
-    teacher = teacher_checkpoint(cfg, manifest)
-    out = output_path(cfg, manifest)
-    expected = provenance(cfg, manifest, teacher)
-    pool = common.pool_ids(cfg)
-    if _is_current(out, expected):
-        log.info("pseudolabel: %s is complete for this teacher and pool, skipped", out)
+    manifest, r = common.resolved(cfg, "pseudolabel")
+    out = r.dir.file(stages.PSEUDOLABELS)
+    if common.finished(cfg, r):
         return {"stage": "pseudolabel", "path": str(out), "skipped": True, **_summary(out)}
+    teacher = teacher_checkpoint(r)
     inference = Inference.of(cfg.pseudolabel)
     check_resources(inference, "pseudolabel")
+    common.start_stage(cfg, r.dir)
     clean_stale_temporaries(out)
     started = time.monotonic()
-    written = _write(out, cfg, expected, pool, inference)
+    written = _write(out, cfg, provenance(cfg, manifest, teacher), common.pool_ids(cfg), inference)
     seconds = time.monotonic() - started
     log.info("pseudolabel: %d images in %.1f s -> %s", written, seconds, out)
     summary = _summary(out)
+    common.finish_stage(cfg, r, {"summary": summary, "seconds": round(seconds, 2)})
     _warn_if_uninformative(cfg, summary)
     return {"stage": "pseudolabel", "path": str(out), "skipped": False, **summary,
             "seconds": round(seconds, 2), "images_per_s": round(written / max(seconds, 1e-9), 1)}
@@ -103,15 +84,15 @@ def _warn_if_uninformative(cfg: Config, summary: dict) -> None:
     prior = sum(labeled) / max(len(labeled), 1)
     rate = summary["positives"] / max(summary["images"], 1)
     if cfg.distill.targets == "hard" and prior > 0 and not prior / 4 <= rate <= min(1.0, prior * 4):
-        print(f"[pseudolabel] warning: {rate:.1%} of the pool is labeled referable at threshold "
+        say("pseudolabel", f"warning: {rate:.1%} of the pool is labeled referable at threshold "
               f"{cfg.pseudolabel.threshold} against {prior:.1%} of the labeled subset: hard pseudo-labels this "
               f"lopsided carry little for the student (consider --set distill.targets=soft, or a threshold "
-              f"nearer the teacher's operating point)", file=sys.stderr, flush=True)
+              f"nearer the teacher's operating point)")
 
 
 def _write(out: Path, cfg: Config, provenance_: dict, pool: list[str], inference: Inference) -> int:
     """Stream predictions into a temporary table; rename it into place when it is complete."""
-    selection = Selection(cfg.data.eyepacs.prepared, "eval", cfg.data.size, split="train")
+    selection = Selection.clean(cfg.data.eyepacs.prepared, cfg.data.size, split="train")
     ds = predictions({None: selection}, {"teacher": provenance_["teacher"]}, inference)
     metadata = {METADATA_KEY: json.dumps({**provenance_, "drray_version": drray.__version__,
                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()}

@@ -5,72 +5,65 @@ whole train split as unlabeled data, on the same engine and Ray Train layer as e
 weights.
 
 One step = a batch of B labeled images (weak view: flip + translate) and mu x B unlabeled ones
-(FixMatch: a weak and a strong view each; MixMatch: K weak views each); an epoch = one pass over
-the unlabeled images. The labeled subset repeats as often as a pass needs.
+(FixMatch: a weak and a strong view each; MixMatch: K weak views each: the method's
+``unlabeled_views``); an epoch = one pass over the unlabeled images. The labeled subset repeats
+as often as a pass needs.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-from drray.artifacts import atomic_write_json, write_resolved_config
-from drray.config import Config, SemiSupervisedConfig
-from drray.distributed.datasets import Selection, stage_dataset
+from drray.artifacts import atomic_write_json
+from drray.config import Config, FixMatchConfig, MixMatchConfig, SemiSupervisedConfig
+from drray.distributed.datasets import Selection, Stream
 from drray.engine.model import ModelSpec
+from drray.methods import FixMatch, MixMatch
+from drray.progress import say
 from jobs import common
 
-METHODS = ("fixmatch", "mixmatch")
+
+def method_of(section: SemiSupervisedConfig, n_pool: int) -> FixMatch | MixMatch:
+    if isinstance(section, FixMatchConfig):
+        return FixMatch.from_config(section)
+    assert isinstance(section, MixMatchConfig), section
+    return MixMatch.from_config(section, common.steps_per_epoch(n_pool // section.mu, section.batch_size))
 
 
-def stage_key(cfg: Config, method: str, manifest: dict) -> str:
-    return common.key_of(method, getattr(cfg, method), cfg.labels, cfg.data.size, common.data_key(cfg, manifest))
-
-
-def output_dir(cfg: Config, method: str, manifest: dict) -> Path:
-    return common.stage_dir(cfg, method, stage_key(cfg, method, manifest))
-
-
-def run(cfg: Config, method: str) -> dict:
-    if method not in METHODS:
-        raise ValueError(f"unknown semi-supervised method {method!r}: choose {', '.join(METHODS)}")
-    manifest = common.prepared_eyepacs(cfg)
-    section: SemiSupervisedConfig = getattr(cfg, method)
-    out = output_dir(cfg, method, manifest)
-    if done := common.finished(out, method):
+def run(cfg: Config, name: str) -> dict:
+    _, r = common.resolved(cfg, name)
+    if done := common.finished(cfg, r):
         return done
-    write_resolved_config(out, cfg)
-    subset = common.labeled_subset(cfg)
-    atomic_write_json(out / "subset.json", {"labeled": sorted(subset.labeled), "validation": sorted(subset.validation)})
+    section: SemiSupervisedConfig = r.stage.config(cfg)
     pool = common.pool_ids(cfg)  # every train image, the labeled ones included (both papers)
-    size = cfg.data.size
     unlabeled_global = section.mu * section.batch_size
     if len(pool) < unlabeled_global:
-        raise ValueError(f"{method}: the unlabeled batch ({method}.mu x batch_size = {unlabeled_global}) is larger "
-                         f"than the {len(pool)} train images: lower {method}.mu or {method}.batch_size")
-    run_spec = common.stage_run(
-        cfg, section, method, name=method, out=out, step=method, n_rows=len(pool) // section.mu,
+        raise ValueError(f"{name}: the unlabeled batch ({name}.mu x batch_size = {unlabeled_global}) is larger "
+                         f"than the {len(pool)} train images: lower {name}.mu or {name}.batch_size")
+    common.start_stage(cfg, r.dir)
+    subset = common.labeled_subset(cfg)
+    atomic_write_json(r.dir.subset_file, subset.record())
+    size = cfg.data.size
+    method = method_of(section, len(pool))
+    plan = common.fit_plan(
+        cfg, r, method=method, n_rows=len(pool) // section.mu,
         spec=ModelSpec("classifier", section.backbone, size, section.init, section.weights, dropout=section.dropout),
         validate=bool(subset.validation), ema_decay=section.ema_decay,
-        unlabeled_batch=common.per_worker_batch(unlabeled_global, section.scaling, method),
-        ssl=_settings(cfg, method, len(pool)),
+        unlabeled_batch=common.per_worker_batch(unlabeled_global, section.scaling, name),
     )
-    _warn_if_ema_is_mostly_initial(method, section.ema_decay, run_spec.steps_per_epoch * run_spec.epochs)
+    _warn_if_ema_is_mostly_initial(name, section.ema_decay, plan.steps_per_epoch * plan.epochs)
     # enough copies of the labeled subset for every step of a pass to take B labeled images
-    labeled_per_pass = run_spec.steps_per_epoch * section.batch_size * run_spec.epochs_per_pass
+    labeled_per_pass = plan.steps_per_epoch * section.batch_size * plan.epochs_per_pass
     copies = math.ceil(labeled_per_pass / max(1, len(subset.labeled)))
     prepared = cfg.data.eyepacs.prepared
-    unlabeled_mode = Selection(prepared, method, size, split="train", views=getattr(section, "augmentations", 2),
-                               strong_ops=getattr(section, "randaugment_ops", 2), cutout=getattr(section, "cutout", 0.5))
     datasets = {
-        "train": stage_dataset(Selection(prepared, "weak", size, split="train", targets=subset.labeled),
-                               run_spec.batch_size, full_shuffle=True, epochs_per_pass=copies),
-        "unlabeled": stage_dataset(unlabeled_mode, run_spec.unlabeled_batch, epochs_per_pass=run_spec.epochs_per_pass),
-        "val": stage_dataset(Selection(prepared, "eval", size, split="train", targets=subset.validation), 256),
+        "train": Stream(Selection(prepared, method.train_views, size, split="train", targets=subset.labeled),
+                               plan.batch_size, full_shuffle=True, epochs_per_pass=copies),
+        "unlabeled": Stream(Selection(prepared, method.unlabeled_views, size, split="train"),
+                                   plan.unlabeled_batch, epochs_per_pass=plan.epochs_per_pass),
+        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256),
     }
-    metrics = common.fit(cfg, section, run_spec, datasets)
-    return {"stage": method, "dir": str(out), "metrics": metrics}
+    return common.fit(cfg, r, plan, datasets)
 
 
 def initial_weight_in_ema(decay: float, steps: int) -> float:
@@ -83,18 +76,9 @@ def _warn_if_ema_is_mostly_initial(method: str, decay: float, steps: int) -> Non
     evaluates mostly its random initialisation (seen at demo scale: validation AUC below 0.5)."""
     share = initial_weight_in_ema(decay, steps)
     if share > 0.1:
-        print(f"[{method}] warning: after this run's {steps} steps the EMA of the weights (ema_decay {decay:g}) "
+        say(method, f"warning: after this run's {steps} steps the EMA of the weights (ema_decay {decay:g}) "
               f"still holds {share:.0%} of the initial weights, and the EMA is what is evaluated and published; "
-              f"lower {method}.ema_decay (e.g. {1 - 3 / max(steps, 30):.3g}) or train longer", file=sys.stderr, flush=True)
-
-
-def _settings(cfg: Config, method: str, n_pool: int) -> dict:
-    section = getattr(cfg, method)
-    if method == "fixmatch":
-        return {"threshold": section.threshold, "lambda_u": section.lambda_u}
-    steps_per_epoch = common.steps_per_epoch(n_pool // section.mu, section.batch_size)
-    return {"temperature": section.temperature, "alpha": section.alpha, "lambda_u": section.lambda_u,
-            "rampup_steps": section.rampup_epochs * steps_per_epoch}
+              f"lower {method}.ema_decay (e.g. {1 - 3 / max(steps, 30):.3g}) or train longer")
 
 
 def run_fixmatch(cfg: Config) -> dict:

@@ -21,17 +21,18 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from drray import report
 from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
 from drray.config import Config, run_dir, stages_dir, to_dict
 from drray.distributed.resources import Demand, cluster_capacity, inference_demand, training_demand
-from jobs import common, pipeline, report
+from jobs import common, stages
+from jobs.runner import Invocations, pipeline_steps, run_steps, say
 
-TRAINING_SECTIONS = ("finetune", "supervised", "distill", "student_finetune")
-INFERENCE_SECTIONS = ("pseudolabel", "evaluate")
+INFERENCE_STAGES = ("pseudolabel", "evaluate")  # a trial's Ray Data inference (InferenceConfig sections)
+SHARED_STAGES = ("prepare", "pretrain")  # run once for every trial: they read no labels
 
 
 # --- the grid ----------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def experiment_name(cfg: Config, trials: list[dict]) -> str:
     starts a new one (its trials still reuse every stage the change leaves valid). Where the
     run lives and how many trials run at once do not count."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "sweep")}
-    return "tune-" + common.key_of(trials, settings, cfg.run.seed)
+    return "tune-" + stages.key_of(trials, settings, cfg.run.seed)
 
 
 # --- resources ---------------------------------------------------------------------------------
@@ -83,13 +84,16 @@ def experiment_name(cfg: Config, trials: list[dict]) -> str:
 
 def trial_demand(cfg: Config) -> Demand:
     """A trial's peak: its own process plus the largest of the stages it runs one after another."""
-    training = TRAINING_SECTIONS + tuple(cfg.pipeline.baselines)
-    stages = [training_demand(getattr(cfg, n).scaling.num_workers, getattr(cfg, n).scaling.cpus_per_worker,
-                              getattr(cfg, n).scaling.use_gpu, f"{n}.scaling") for n in training]
-    stages += [inference_demand(getattr(cfg, n).concurrency, getattr(cfg, n).cpus_per_actor,
-                                getattr(cfg, n).use_gpu, n) for n in INFERENCE_SECTIONS]
-    largest = max(stages, key=lambda d: (d.cpus, d.gpus))
-    return Demand(cfg.sweep.trial_cpus + largest.cpus, max(d.gpus for d in stages), largest.what)
+    demands = []
+    for s in stages.training_stages(cfg):
+        scaling = s.config(cfg).scaling
+        demands.append(training_demand(scaling.num_workers, scaling.cpus_per_worker, scaling.use_gpu,
+                                       f"{s.section}.scaling"))
+    for name in INFERENCE_STAGES:
+        section = stages.STAGES[name].config(cfg)
+        demands.append(inference_demand(section.concurrency, section.cpus_per_actor, section.use_gpu, name))
+    largest = max(demands, key=lambda d: (d.cpus, d.gpus))
+    return Demand(cfg.sweep.trial_cpus + largest.cpus, max(d.gpus for d in demands), largest.what)
 
 
 def check_sweep_fits(cfg: Config, capacity: Demand) -> None:
@@ -139,7 +143,7 @@ def run_trial(base: Config, spec: dict, experiment: str, on_stage=None) -> dict:
                                    "already_finished": finished is not None}) + "\n")
     if finished is None:
         with (out / "trial.log").open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            pipeline.run(cfg, on_stage=on_stage)
+            run_steps(cfg, pipeline_steps(), on_stage)
         finished = {**trial_record(cfg, spec), "experiment": experiment}
         atomic_write_json(out / "trial.json", finished)
     return finished
@@ -190,20 +194,19 @@ def run(cfg: Config) -> dict:
     return _results(cfg, trials, outcomes, experiment, record)
 
 
-def run_shared_stages(cfg: Config, record_name: str, trials: list[dict]) -> pipeline.Invocations:
+def run_shared_stages(cfg: Config, record_name: str, trials: list[dict]) -> Invocations:
     """prepare and pretrain, once for every trial; and every trial's labels checked (a fraction
     or count the data cannot give fails here, not in a trial)."""
     out = run_dir(cfg).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
-    record = pipeline.Invocations(out / record_name)
+    record = Invocations(out / record_name)
     _say(f"{len(trials)} trials ({', '.join(t['name'] for t in trials)}) from one pretraining")
-    stage_of = {name: stage for name, _, stage in pipeline.STAGES}
-    for name in ("prepare", "pretrain"):
+    for name in SHARED_STAGES:
         _say(f"shared stage: {name}")
         started = time.time()
         record.stage(name, "running", started)
-        result = stage_of[name](cfg)
+        result = stages.STAGES[name].function()(cfg)
         record.stage(name, "skipped" if result.get("skipped") else "ran", started, result)
     for spec in trials:
         common.labeled_subset(trial_config(cfg, spec))
@@ -211,10 +214,10 @@ def run_shared_stages(cfg: Config, record_name: str, trials: list[dict]) -> pipe
 
 
 def _say(text: str) -> None:
-    print(f"[sweep] {text}", file=sys.stderr, flush=True)
+    say("sweep", text)
 
 
-def _results(cfg: Config, trials: list[dict], outcomes, experiment: str, record: pipeline.Invocations) -> dict:
+def _results(cfg: Config, trials: list[dict], outcomes, experiment: str, record: Invocations) -> dict:
     out = run_dir(cfg).resolve()
     failed = [o for o in outcomes if o.status != "finished"]
     table = write_results(cfg, trials, outcomes, experiment)
@@ -254,7 +257,7 @@ def array_results(cfg: Config) -> dict:
     outcomes = [TrialOutcome(t["name"], "finished") if finished_trial(trial_dir(cfg, t["name"]), experiment)
                 else TrialOutcome(t["name"], "failed", "its array task did not finish (see its log in RUN/slurm/)")
                 for t in trials]
-    record = pipeline.Invocations(run_dir(cfg).resolve() / "sweep.json")
+    record = Invocations(run_dir(cfg).resolve() / "sweep.json")
     return _results(cfg, trials, outcomes, experiment, record)
 
 

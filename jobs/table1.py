@@ -18,13 +18,14 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from drray import report
 from drray.artifacts import atomic_write_text
 from drray.config import Config, run_dir
-from jobs import common, finetune, pipeline, report
+from jobs import common, stages
+from jobs.runner import Step, pipeline_steps, run_steps
 
 # (model name in RUN/models, the paper's row): Table 1's order
-ROWS = (("supervised_100", "100%"), ("supervised", "subset"), ("mixmatch", "subset"), ("fixmatch", "subset"),
-        ("teacher", "subset"), ("student", "subset"))
+ROWS = tuple((name, "100%" if name == "supervised_100" else "subset") for name in stages.MODEL_ORDER)
 REFERENCE = "student"  # DeLong p-values against the method the paper proposes
 
 
@@ -35,27 +36,28 @@ def full_labels(cfg: Config) -> Config:
 
 
 def _supervised_100(cfg: Config) -> dict:
-    manifest = common.prepared_eyepacs(cfg)
     full = full_labels(cfg)
-    result = finetune.run_supervised(full)
-    common.publish_model(cfg, "supervised_100", finetune.output_dir(full, "supervised", manifest), manifest)
+    manifest, r = common.resolved(full, "supervised")
+    result = r.stage.function()(full)
+    common.publish_model(cfg, "supervised_100", r.dir, manifest)
     return {**result, "stage": "supervised_100"}
 
 
-def stages() -> list:
-    """The pipeline's stages with the 100% row before the evaluation, and the table last."""
-    before, after = [], []
-    for entry in pipeline.STAGES:
-        (after if entry[0] in ("evaluate", "report") else before).append(entry)
-    evaluate, report_stage = after
-    return before + [("supervised_100", "the supervised baseline on 100% of the labels", _supervised_100), evaluate,
-                     ("table1", "RUN/table1.md and RUN/table1.parquet", lambda cfg: write_table(run_dir(cfg))),
-                     report_stage]
+def steps() -> list[Step]:
+    """The pipeline's steps with the 100% row before the evaluation, and the table before the report."""
+    out = []
+    for step in pipeline_steps():
+        if step.name == "evaluate":
+            out.append(Step("supervised_100", "the supervised baseline on 100% of the labels", _supervised_100))
+        if step.name == "report":
+            out.append(Step("table1", "RUN/table1.md and RUN/table1.parquet", lambda cfg: write_table(run_dir(cfg))))
+        out.append(step)
+    return out
 
 
 def run(cfg: Config) -> dict:
-    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, baselines=("mixmatch", "fixmatch")))
-    result = pipeline.run(cfg, stages=stages())
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, baselines=stages.BASELINES))
+    result = run_steps(cfg, steps())
     return {**result, "table1": str(run_dir(cfg).resolve() / "table1.md")}
 
 

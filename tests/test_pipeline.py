@@ -39,6 +39,17 @@ def epochs_in(stage_dir: Path) -> list[int]:
     return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "epoch" in r] if path.exists() else []
 
 
+def latest_checkpoint(storage: Path) -> str | None:
+    """The checkpoint Ray Train would resume this run from (its snapshot names it)."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    return name if name and (storage / name).is_dir() else None
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """The pipeline killed (driver and its Ray) after distill's first checkpoint, then run again."""
@@ -49,12 +60,11 @@ def run(tmp_path_factory) -> Path:
     while time.time() < deadline and distill is None:
         assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
         found = list(run.glob("distill-*"))
-        # an epoch is done and Ray Train holds its checkpoint (written after the metrics line)
-        if found and epochs_in(found[0]) and list((run / "ray" / found[0].name).glob("checkpoint_*")):
+        # an epoch is done and Ray Train has recorded its checkpoint as the latest
+        if found and epochs_in(found[0]) and latest_checkpoint(run / "ray" / found[0].name):
             distill = found[0]
         time.sleep(0.2)
     assert distill is not None, "distill never finished an epoch"
-    time.sleep(1.0)  # let Ray record the checkpoint as the latest
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "report.md").exists()
@@ -78,6 +88,33 @@ def test_rerun_skips_finished_stages_and_resumes_the_killed_one(run):
     assert epochs_in(distill).count(0) == 1  # continued from its checkpoint, not from epoch 0
     for stage in ("pretrain", "teacher", "supervised"):  # trained once
         assert epochs_in(next(run.glob(f"{stage}-*"))) == [0, 1]
+
+
+def test_each_training_stage_wrote_what_the_next_one_reads(run):
+    """The stages chain: SimCLR's model has its projection head, the teacher validated every
+    epoch on the labeled hold-out and kept its best and last models, the student is the
+    distillation's architecture fine-tuned; every loss is finite."""
+    import torch
+
+    from drray.engine.checkpoint import load_model
+
+    cfg = load_config(CI, [f"run.dir={run}"])
+    pre = next(run.glob("pretrain-*"))
+    state = torch.load(pre / "model" / "model.pt", weights_only=True)
+    assert any(k.startswith("projection.") for k in state) and any(k.startswith("backbone.") for k in state)
+    for stage in ("pretrain", "teacher", "supervised", "distill", "student"):
+        lines = [json.loads(x) for x in (next(run.glob(f"{stage}-*")) / "metrics.jsonl").read_text().splitlines()]
+        assert all(np.isfinite(r["loss"]) for r in lines if "epoch" in r), stage
+    teacher = next(run.glob("teacher-*"))
+    lines = [json.loads(x) for x in (teacher / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("val_auc") is not None for r in lines if "epoch" in r] == [True, True]
+    assert (teacher / "best" / "model.pt").is_file() and (teacher / "model" / "model.pt").is_file()
+    subset = json.loads((teacher / "subset.json").read_text())
+    assert len(subset["labeled"]) == cfg.labels.count and len(subset["validation"]) == cfg.labels.val_count
+    _, meta = load_model(next(run.glob("student-*")) / "model")
+    assert meta["spec"]["backbone"] == cfg.distill.backbone and meta["spec"]["kind"] == "classifier"
+    join = json.loads((next(run.glob("distill-*")) / "pseudolabel_join.json").read_text())
+    assert join["pool_without_pseudolabel"] == join["pseudolabel_without_image"] == 0
 
 
 def test_evaluation_numbers_are_sklearns_on_the_written_predictions(run):
@@ -188,7 +225,7 @@ def test_table1_adds_the_baselines_and_the_full_label_row_to_the_same_run(run):
 
 
 def test_table1_says_whether_the_student_is_above_every_method_on_the_same_labels():
-    from jobs import report
+    from drray import report
 
     def row(method, test_set, auc, p):
         return {"method": method, "labels": "2% (64)", "architecture": "resnet18", "test_set": test_set, "n": 100,

@@ -28,10 +28,10 @@ CI = REPO / "configs" / "ci.yaml"
 
 def make_teacher(cfg, seed: int) -> Path:
     """A finished teacher stage with random weights (seeded) where the pipeline expects it."""
-    from jobs import common, finetune
+    from jobs import common, stages
 
     manifest = common.prepared_eyepacs(cfg)
-    out = finetune.output_dir(cfg, "finetune", manifest)
+    out = stages.resolve(cfg, manifest)["teacher"].dir.path
     spec = ModelSpec("classifier", "resnet18", cfg.data.size)
     torch.manual_seed(seed)
     save_checkpoint(out / "model", model=spec.build(), spec=spec, epoch=0, metrics={})
@@ -74,12 +74,14 @@ def test_every_pool_image_gets_one_row_with_provenance(cfg):
 
 
 def test_killed_job_leaves_no_table_and_rerun_completes(cfg, tmp_path):
-    from jobs import common, pseudolabel
+    from jobs import common, stages
 
     make_teacher(cfg, seed=0)
-    out = pseudolabel.output_path(cfg, common.prepared_eyepacs(cfg))
-    cmd = [sys.executable, "-m", "jobs.cli", "run", "pseudolabel", "--config", str(CI),
-           "--set", f"run.dir={tmp_path}", "--set", "pseudolabel.batch_size=8"]
+    settings = [f"run.dir={tmp_path}", "pseudolabel.batch_size=8"]
+    out = stages.pseudolabels_path(load_config(CI, settings), common.prepared_eyepacs(cfg))
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "pseudolabel", "--config", str(CI)]
+    for item in settings:
+        cmd += ["--set", item]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.parent.glob(f".{out.name}.tmp-*")):

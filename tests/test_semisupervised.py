@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drray.engine.steps import fixmatch_step, mixmatch_step
+from drray.methods import FixMatch, MixMatch
 from tests.conftest import REPO
 
 CI = REPO / "configs" / "ci.yaml"
@@ -32,7 +32,7 @@ def test_fixmatch_step_is_supervised_loss_when_nothing_is_confident():
     torch.nn.init.zeros_(model.net[1].weight)
     torch.nn.init.zeros_(model.net[1].bias)  # p = 0.5 everywhere: no unlabeled image passes tau
     batch = _batch(4, 8, ["u_weak", "u_strong"])
-    loss, n = fixmatch_step(0.95, 1.0)(model, batch)
+    loss, n = FixMatch(threshold=0.95, lambda_u=1.0).step()(model, batch)
     assert n == 4 and loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
     loss.backward()
     assert model.net[1].weight.grad is not None
@@ -42,11 +42,12 @@ def test_mixmatch_step_ramps_its_unlabeled_weight_and_continues_after_resume():
     torch.manual_seed(0)
     model = Tiny()
     batch = _batch(4, 4, ["u_view0", "u_view1"])
-    step = mixmatch_step(0.5, 0.75, lambda_u=100.0, rampup_steps=10, steps_done=0)
+    method = MixMatch(temperature=0.5, alpha=0.75, lambda_u=100.0, rampup_steps=10, views=2)
+    step = method.step(steps_done=0)
     torch.manual_seed(1)
     first, n = step(model, batch)  # ramp 0: the labeled loss alone
     assert n == 4 and torch.isfinite(first)
-    resumed = mixmatch_step(0.5, 0.75, lambda_u=100.0, rampup_steps=10, steps_done=10)
+    resumed = method.step(steps_done=10)
     torch.manual_seed(1)
     full, _ = resumed(model, batch)  # same draws, ramp 1: adds 100 x the unlabeled MSE
     assert full.item() > first.item()

@@ -19,8 +19,8 @@ from PIL import Image
 
 from drray.config import ConfigError, load_config
 from drray.distributed.resources import Demand
+from drray.report import sweep_summary
 from jobs import sweep
-from jobs.report import sweep_summary
 from tests.conftest import REPO
 
 SWEEP_CI = REPO / "configs" / "sweep-ci.yaml"
@@ -134,12 +134,14 @@ def swept(tmp_path_factory):
     # 1. A trial's process dies in its teacher stage: Tune retries the trial.
     first = _wait(lambda: next((n for n in TRIALS if _stage_status(run, n, "teacher") == "running"), None),
                   "a trial's teacher stage", proc, 300)
-    time.sleep(3)
+    # inside the stage: its Ray Train worker is up (the stage cache is the sweep's run dir)
+    _wait(lambda: list(run.glob("teacher-*/workers/rank0.pid")), "the teacher's training worker", proc, 300)
     os.kill(_attempts(run, first)[0]["pid"], signal.SIGKILL)
     # 2. Once a trial has finished and another is under way, the whole sweep is killed.
     _wait(lambda: (run / "trials" / first / "trial.json").is_file(), "the retried trial to finish", proc, 600)
-    _wait(lambda: sum(bool(_attempts(run, n)) for n in TRIALS) >= 2, "a second trial", proc, 120)
-    time.sleep(5)
+    second = _wait(lambda: next((n for n in TRIALS if n != first and _attempts(run, n)), None), "a second trial",
+                   proc, 120)
+    _wait(lambda: _stage_status(run, second, "teacher") == "running", "the second trial's teacher", proc, 300)
     os.killpg(proc.pid, signal.SIGKILL)
     killed_log = proc.communicate()[0]
     assert not (run / "sweep.parquet").exists()

@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from drray.artifacts import clear_own_files, mark_files
+from drray.progress import Progress
+
 EYEPACS_GRADE_P = (0.735, 0.070, 0.151, 0.025, 0.020)  # EyePACS train proportions, grades 0-4
 MESSIDOR_GRADE_P = (0.582, 0.154, 0.199, 0.043, 0.022)  # Krause adjudicated grades
 
@@ -415,3 +418,17 @@ def synthesize(out: str | Path, n: int, style: str = "eyepacs", seed: int = 0, t
     counts = np.bincount([j.grade for j in jobs], minlength=5)
     return {"images": len(jobs), "grades": {g: int(c) for g, c in enumerate(counts)},
             "label_files": sorted(label_files)}
+
+
+def write_dataset(out: str | Path, spec, workers: int | None = None) -> dict:
+    """``drray synth``: a synthetic data set (a :class:`drray.config.SyntheticConfig`) in ``out``.
+
+    The folder must be new, empty, or one this function wrote (its mark lists every file): a
+    rerun removes the files of the last run first, so no stale image outlives a shorter labels
+    file, and a folder holding anything else is refused before any work."""
+    clear_own_files(out, what="synthetic-data folder")
+    summary = synthesize(out, spec.n, style=spec.style, seed=spec.seed, test_n=spec.test_n,
+                         original_size=spec.original_size, frame_scale=spec.frame_scale, workers=workers,
+                         progress=Progress(f"synth {spec.style} -> {out}"))
+    mark_files(out, what="synthetic-data folder")
+    return summary

@@ -1,43 +1,39 @@
-"""Ray Data pipelines that feed the training stages: read shards, select rows, decode and
-augment per sample in the data pipeline (not in the training worker), emit numpy batches."""
+"""Ray Data pipelines that feed the training stages: read shards, select rows, decode, and make
+each row into the views its method asks for (per sample, in the data pipeline), emit numpy
+batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from drray.data.shards import shard_paths
-from drray.data.transforms import (
-    AugmentSpec,
-    apply_each,
-    decode_to_tensor,
-    evaluation,
-    simclr_view,
-    strong_view,
-    train_noise,
-    weak_view,
-)
+from drray.data.transforms import decode_to_tensor
 from drray.distributed.resources import DATA_TASK_CPUS
+from drray.methods import CleanImage, Views
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which rows of a prepared set, and what the pipeline makes of them."""
+    """Which rows of a prepared set, and what the pipeline makes of them (its method's views)."""
 
     prepared: str
-    # "simclr": two views; "train": noisy image + target; "eval": clean image (+ target); "weak":
-    # flip + translate (+ target); "fixmatch": u_weak + u_strong; "mixmatch": u_view0..K-1
-    mode: str
+    views: Views
     size: int  # image side (the prepared size, or the SimCLR crop size)
     split: str | None = "train"
     targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
-    augment: AugmentSpec | None = None  # simclr mode
-    jitter: float = 0.4  # train mode colour jitter
-    views: int = 2  # mixmatch mode: weak views per image (K)
-    strong_ops: int = 2  # fixmatch mode: RandAugment operations of the strong view
-    cutout: float = 0.5  # fixmatch mode: Cutout's largest side (fraction of the image side)
+
+    def __post_init__(self):
+        # absolute: the rows are read wherever the stream is built (a Ray worker has its own cwd)
+        object.__setattr__(self, "prepared", str(Path(self.prepared).resolve()))
+
+    @classmethod
+    def clean(cls, prepared: str, size: int, **rows) -> Selection:
+        """The images as prepared: validation, evaluation, inference."""
+        return cls(prepared, CleanImage(), size, **rows)
 
 
 def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
@@ -58,19 +54,7 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
     """Decode and transform each image on its own (fresh random draws per image and view)."""
     tensors = [decode_to_tensor(b) for b in batch.column("image").to_pylist()]
     out: dict[str, np.ndarray] = {"image_id": np.asarray(batch.column("image_id").to_pylist(), dtype=object)}
-    if selection.mode == "simclr":
-        view = simclr_view(selection.augment)
-        out["view1"] = apply_each(view, tensors, selection.size)
-        out["view2"] = apply_each(view, tensors, selection.size)
-    elif selection.mode == "fixmatch":  # unlabeled: a weak and a strong view of each image
-        out["u_weak"] = apply_each(weak_view(), tensors, selection.size)
-        out["u_strong"] = apply_each(strong_view(selection.strong_ops, selection.cutout), tensors, selection.size)
-    elif selection.mode == "mixmatch":  # unlabeled: K weak views of each image
-        for k in range(selection.views):
-            out[f"u_view{k}"] = apply_each(weak_view(), tensors, selection.size)
-    else:
-        transform = {"train": lambda: train_noise(selection.jitter), "weak": weak_view}.get(selection.mode, evaluation)()
-        out["image"] = apply_each(transform, tensors, selection.size)
+    out.update(selection.views.make(tensors, selection.size))
     if "target" in batch.column_names:
         out["target"] = batch.column("target").to_numpy().astype(np.float32)
     return out
@@ -113,6 +97,21 @@ def _read_once(selection: Selection):
     columns = ["image_id", "image", "split"]
     parts = [select_rows(pq.read_table(path, columns=columns), selection) for path in shard_paths(selection.prepared)]
     return ray.data.from_arrow(pa.concat_tables(parts)).materialize()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stage's data stream as data: its rows and views, and how one pass is made. It becomes
+    a Ray Dataset (:meth:`build`) where it is iterated: the driver, or a Ray Train worker (a
+    plain object is cheap to ship; a Dataset is not: see drray.distributed.train)."""
+
+    selection: Selection
+    batch_size: int
+    full_shuffle: bool = False
+    epochs_per_pass: int = 1
+
+    def build(self):
+        return stage_dataset(self.selection, self.batch_size, self.full_shuffle, self.epochs_per_pass)
 
 
 def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = False,

@@ -11,6 +11,7 @@ nothing never replaces a good prepared set.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,9 +25,12 @@ import pyarrow.compute as pc
 from drray.artifacts import (
     atomic_directory,
     atomic_write_json,
+    check_replaceable,
     clean_stale_temporaries,
+    refuse_overlap,
     sha256_file,
 )
+from drray.config import Config, DatasetConfig
 from drray.data.prepare import PrepareParams, build_manifest, prepare_rows, reject_row
 from drray.data.shards import (
     MANIFEST,
@@ -37,15 +41,103 @@ from drray.data.shards import (
     read_manifest,
     write_rejects,
 )
-from drray.data.sources import InputItem
+from drray.data.sources import InputItem, collect_inputs
+from drray.data.splits import random_partition, read_partition
+from drray.data.synthetic import write_dataset
 from drray.distributed.runtime import ensure_ray
+from drray.progress import Progress
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]
+ProgressFn = Callable[[int, int], None]
 
 
 class NothingPrepared(ValueError):
     """No input could be prepared, and the output folder already holds a good prepared set."""
+
+
+def prepare_source(*, source: str, images: str | Path, labels: list[str | Path], out: str | Path,
+                   params: PrepareParams, partition: str | None = None,
+                   test_fraction: float | None = None, seed: int = 0, batch_size: int = 16,
+                   num_cpus: int | None = None, reuse_current: bool = False) -> dict:
+    """Prepare one raw data set into ``out``; return its manifest.
+
+    With ``reuse_current``, an existing output made from the same inputs (file names, sizes,
+    times, label contents) with the same parameters is kept as it is. ``out`` must lie outside
+    the inputs and be new, empty or a prepared set drray wrote: checked before any work.
+    """
+    report = collect_inputs(source, images, labels)
+    check_output(out, images, report.label_files)
+    split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
+                  "test_fraction": test_fraction, "seed": seed}
+    fingerprint = hashlib.sha256(f"{report.fingerprint}{split_rule}".encode()).hexdigest()
+    if reuse_current:
+        current = _current_manifest(out, params, fingerprint)
+        if current:
+            log.info("%s is up to date (same inputs and parameters): kept", out)
+            return {**current, "reused": True}
+    items = _with_splits(report.items, partition, test_fraction, seed)
+    return prepare_dataset(
+        items, out, params, source=source, images=str(images), label_files=report.label_files,
+        duplicate_label_rows=report.duplicate_label_rows, inputs_fingerprint=fingerprint,
+        batch_size=batch_size, num_cpus=num_cpus, progress=Progress(f"prepare {source} -> {out}"),
+    )
+
+
+def check_output(out: str | Path, images: str | Path, label_files: list[Path]) -> None:
+    """Refuse an ``out`` whose replacement would destroy inputs or anything drray did not write."""
+    refuse_overlap(out, {"--images": images}, files=label_files, what="--out")
+    check_replaceable(out, what="--out", legacy=PREPARED_LEGACY)
+
+
+def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) -> dict | None:
+    try:
+        manifest = read_manifest(out)
+    except PreparedDataError:
+        return None
+    same = (manifest.get("params") == dataclasses.asdict(params)
+            and manifest.get("inputs_fingerprint") == fingerprint)
+    return manifest if same else None
+
+
+def _with_splits(items: list[InputItem], partition: str | None, test_fraction: float | None,
+                 seed: int) -> list[InputItem]:
+    """Override the source's own splits with a partition file or a seeded random partition."""
+    if partition and test_fraction is not None:
+        raise ValueError("give either a partition file or a test fraction, not both")
+    if partition:
+        mapping = read_partition(partition)
+        return [dataclasses.replace(i, split=mapping.get(i.image_id, "unassigned")) for i in items]
+    if test_fraction is not None:
+        mapping = random_partition([i.image_id for i in items], test_fraction, seed)
+        return [dataclasses.replace(i, split=mapping[i.image_id]) for i in items]
+    return items
+
+
+def params_from(cfg: Config) -> PrepareParams:
+    d = cfg.data
+    return PrepareParams(size=d.size, image_format=d.image_format, jpeg_quality=d.jpeg_quality,
+                         max_pixels=d.max_pixels, mask_outside=d.mask_outside)
+
+
+def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
+    """Synthesise (if configured and missing) and prepare one data set; keep a current one."""
+    images = Path(ds.images)
+    if not images.is_dir():
+        if ds.synthetic is None:
+            raise FileNotFoundError(
+                f"data.{name}.images: folder {images} not found. Point it at your {ds.source} images "
+                f"(--set data.{name}.images=PATH) or add a data.{name}.synthetic section to generate data."
+            )
+        write_dataset(images, ds.synthetic)
+    manifest = prepare_source(
+        source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),
+        partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
+        batch_size=cfg.data.prepare_batch, num_cpus=cfg.run.num_cpus, reuse_current=True,
+    )
+    if not manifest["counts"]["prepared"]:
+        raise ValueError(f"data.{name}: no image of {images} could be prepared ({reject_summary(manifest)}); "
+                         f"the reasons per file are in {ds.prepared}/rejects.parquet")
+    return manifest
 
 
 def _prepare_batch(batch: pa.Table, params: PrepareParams) -> pa.Table:
@@ -56,7 +148,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
                     source: str, images: str, label_files: list[Path], duplicate_label_rows: int = 0,
                     inputs_fingerprint: str = "",
                     batch_size: int = 16, rows_per_shard: int = 500, num_cpus: int | None = None,
-                    progress: Progress | None = None) -> dict:
+                    progress: ProgressFn | None = None) -> dict:
     """Prepare every input item into ``out``; return the manifest.
 
     Shards are kept small (``rows_per_shard``): a shard is the unit that training reads in

@@ -15,13 +15,14 @@ too (drray's stage cache), so a rerun trial redoes only its unfinished stages.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
+
+from drray.progress import say
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def run_grid(trainable: Callable, trials: list[dict], *, storage: Path, experime
     fn = tune.with_resources(trainable, resources)
     path = (storage / experiment).resolve()
     if tune.Tuner.can_restore(str(path)):
-        print(f"[sweep] resuming {path}: finished trials keep their results", file=sys.stderr, flush=True)
+        say("sweep", f"resuming {path}: finished trials keep their results")
         tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -91,8 +92,7 @@ class ProgressPrinter(tune.Callback):
 
     def _say(self, trials, trial, text: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[sweep {done}/{self.total} done, {time.time() - self.started:.0f} s] {_trial_name(trial)}: {text}",
-              file=sys.stderr, flush=True)
+        say(f"sweep {done}/{self.total} done, {time.time() - self.started:.0f} s", f"{_trial_name(trial)}: {text}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._say(trials, trial, "started")

@@ -8,6 +8,8 @@ from PIL import Image
 
 from drray.data.transforms import AugmentSpec
 from drray.distributed.datasets import Selection, select_rows, to_model_inputs
+from drray.methods import CleanImage, NoisyImage
+from drray.methods.simclr import SimCLRViews
 
 
 def jpeg(colour, size=32):
@@ -25,29 +27,29 @@ def shard_batch():
 
 
 def test_select_rows_filters_split_and_targets():
-    selection = Selection("unused", "train", 32, split="train", targets={"a": 1.0, "c": 0.0, "d": 0.0})
+    selection = Selection("unused", NoisyImage(), 32, split="train", targets={"a": 1.0, "c": 0.0, "d": 0.0})
     out = select_rows(shard_batch(), selection)
     assert out.column("image_id").to_pylist() == ["a", "d"]  # c is test, b has no target
     assert out.column("target").to_pylist() == [1.0, 0.0]
 
 
 def test_select_rows_without_targets_keeps_the_split():
-    out = select_rows(shard_batch(), Selection("unused", "simclr", 32, split="train"))
+    out = select_rows(shard_batch(), Selection("unused", SimCLRViews(AugmentSpec(size=32)), 32, split="train"))
     assert out.column("image_id").to_pylist() == ["a", "b", "d"] and "target" not in out.column_names
 
 
 def test_model_inputs_for_each_mode():
-    rows = select_rows(shard_batch(), Selection("unused", "eval", 32, split=None, targets={"a": 1.0, "b": 0.0}))
-    ev = to_model_inputs(rows, Selection("unused", "eval", 32, split=None, targets={"a": 1.0, "b": 0.0}))
+    rows = select_rows(shard_batch(), Selection("unused", CleanImage(), 32, split=None, targets={"a": 1.0, "b": 0.0}))
+    ev = to_model_inputs(rows, Selection.clean("unused", 32, split=None, targets={"a": 1.0, "b": 0.0}))
     assert ev["image"].shape == (2, 3, 32, 32) and ev["image"].dtype == np.uint8  # normalised on the device
     assert ev["target"].tolist() == [1.0, 0.0] and list(ev["image_id"]) == ["a", "b"]
-    simclr = Selection("unused", "simclr", 24, split="train", augment=AugmentSpec(size=24))
+    simclr = Selection("unused", SimCLRViews(AugmentSpec(size=24)), 24, split="train")
     views = to_model_inputs(select_rows(shard_batch(), simclr), simclr)
     assert views["view1"].shape == (3, 3, 24, 24) and views["view2"].shape == (3, 3, 24, 24)
 
 
 def test_empty_batch_keeps_the_schema():
-    selection = Selection("unused", "train", 32, split="val", targets={"a": 1.0})
+    selection = Selection("unused", NoisyImage(), 32, split="val", targets={"a": 1.0})
     rows = select_rows(shard_batch(), selection)
     out = to_model_inputs(rows, selection)
     assert out["image"].shape == (0, 3, 32, 32) and out["target"].shape == (0,)

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from drray.data.transforms import AugmentSpec
 from drray.engine.checkpoint import load_model, load_training_state, read_meta, save_checkpoint
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from
 from drray.engine.optim import LARS, build_optimizer, build_scheduler, lr_factor
-from drray.engine.steps import classify_step, simclr_step
+from drray.methods import SimCLR
+from drray.methods.classify import classify_step
 from drray.models.checkpoints import CheckpointMismatch
 
 
@@ -146,7 +148,7 @@ def test_simclr_loss_falls_on_synthetic_fundus_images(tmp_path):
     opt = build_optimizer(model.parameters(), "adam", 1e-3)
     sched = build_scheduler(opt, 100, 0, "constant")
     scaler = make_scaler(torch.device("cpu"), None)
-    step = simclr_step(0.5, gather=False)
+    step = SimCLR(AugmentSpec(size=32), temperature=0.5, gather=False).step()
     losses = []
     for epoch in range(6):
         order = torch.randperm(len(images)).tolist()

@@ -1,4 +1,4 @@
-"""``drray report RUN``: RUN/report.md and a self-contained RUN/report.html (plots inlined)
+"""Report rendering (``drray report RUN``): RUN/report.md and a self-contained RUN/report.html (plots inlined)
 from what the stages wrote: RUN/pipeline.json, RUN/metrics.json, RUN/models/*/meta.json, the
 stages' metrics.jsonl, RUN/data.json and RUN/config.resolved.yaml. Rebuilding it never reruns
 anything.
@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drray.artifacts import atomic_write_text
+from drray.artifacts import StageDir, atomic_write_text
+from drray.config import Config, run_dir
 
 # The paper's Table 1 (2% = 1,000 EyePACS labels; supervised_100: all of them): (method, architecture, EyePACS test, Messidor-2)
 PAPER = {
@@ -75,7 +76,7 @@ def _models(run: Path) -> dict[str, dict]:
 
 def labels_text(run: Path, stages: dict[str, dict], stage: str = "teacher") -> str:
     """The labeled subset a stage trained on, as a share of the train split and a count."""
-    subset = Path(stages.get(stage, {}).get("dir", "")) / "subset.json"
+    subset = StageDir(Path(stages.get(stage, {}).get("dir") or "/nonexistent")).subset_file
     count = len(json.loads(subset.read_text())["labeled"]) if subset.is_file() else None
     data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
     train = data.get("eyepacs", {}).get("by_split", {}).get("train")
@@ -157,10 +158,10 @@ def _figures(run: Path, stages: dict[str, dict]) -> list[tuple]:
         shutil.copyfile(png, figures / png.name)
         blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " ")))
     training = {}
-    for name in ("pretrain", "teacher", "supervised", "distill", "student"):
-        path = Path(stages.get(name, {}).get("dir", "")) / "metrics.jsonl"
-        if path.is_file():
-            training[name] = [r for r in map(json.loads, path.read_text().splitlines()) if "epoch" in r]
+    for name, entry in stages.items():  # every stage that trained (it logged epochs)
+        epochs = [r for r in StageDir(Path(entry.get("dir") or "/nonexistent")).metrics() if "epoch" in r]
+        if epochs:
+            training[name] = epochs
     if training:
         training_figure(training, figures / "training.png")
         blocks.append(("img", "figures/training.png", "training curves"))
@@ -200,10 +201,9 @@ def _stage_table(stages: dict[str, dict]) -> list[tuple]:
 
 
 def _train_rate(stage_dir: str | None) -> float | None:
-    path = Path(stage_dir or "") / "metrics.jsonl"
-    if not stage_dir or not path.is_file():
+    if not stage_dir:
         return None
-    rates = [r["images_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "images_per_s" in r]
+    rates = [r["images_per_s"] for r in StageDir(Path(stage_dir)).metrics() if "images_per_s" in r]
     return sum(rates) / len(rates) if rates else None
 
 
@@ -371,3 +371,8 @@ def _html(blocks: list[tuple], run: Path) -> str:
              "overflow:auto;font-size:85%}figure{margin:1em 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>drray report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def run(cfg: Config) -> dict:
+    """The report stage: the run directory's report, from what the stages wrote."""
+    return build(run_dir(cfg))

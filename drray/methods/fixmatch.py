@@ -1,0 +1,57 @@
+"""FixMatch (Sohn et al. 2020) in binary sigmoid form: BCE on the labeled batch + lambda_u x the
+strong views' BCE against the weak views' confident hard labels (max(p, 1-p) >= threshold). One
+forward over labeled, weak and strong images together, so BatchNorm sees the whole step's batch
+(what the reference's interleaving achieves)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drray.config import FixMatchConfig
+from drray.data.transforms import apply_each, strong_view, weak_view
+from drray.losses import binary_cross_entropy, fixmatch_unlabeled_loss
+from drray.methods.base import IMAGE, TARGET, Step, Views, WeakImage
+
+U_WEAK, U_STRONG = "u_weak", "u_strong"
+
+
+@dataclass(frozen=True)
+class FixMatchViews(Views):
+    """Each unlabeled image: a weak view, and a strong one (weak + RandAugment + Cutout)."""
+
+    randaugment_ops: int = 2
+    cutout: float = 0.5
+
+    def make(self, images, size):
+        return {U_WEAK: apply_each(weak_view(), images, size),
+                U_STRONG: apply_each(strong_view(self.randaugment_ops, self.cutout), images, size)}
+
+
+@dataclass(frozen=True)
+class FixMatch:
+    threshold: float = 0.95
+    lambda_u: float = 1.0
+    randaugment_ops: int = 2
+    cutout: float = 0.5
+    train_views = WeakImage()
+
+    @classmethod
+    def from_config(cls, section: FixMatchConfig) -> FixMatch:
+        return cls(section.threshold, section.lambda_u, section.randaugment_ops, section.cutout)
+
+    @property
+    def unlabeled_views(self) -> FixMatchViews:
+        return FixMatchViews(self.randaugment_ops, self.cutout)
+
+    def step(self, steps_done: int = 0) -> Step:
+        import torch
+
+        def fixmatch_step(model, batch):
+            x, weak, strong = batch[IMAGE], batch[U_WEAK], batch[U_STRONG]
+            n, m = x.shape[0], weak.shape[0]
+            logits = model(torch.cat([x, weak, strong]))
+            supervised = binary_cross_entropy(logits[:n], batch[TARGET])
+            unlabeled = fixmatch_unlabeled_loss(logits[n + m:], logits[n:n + m], self.threshold)
+            return supervised + self.lambda_u * unlabeled, n
+
+        return fixmatch_step

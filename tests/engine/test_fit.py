@@ -1,0 +1,124 @@
+"""The fit loop in a plain process (no Ray): epochs, the metrics log, best and final models,
+resume from the latest checkpoint, early stopping, passes of several epochs, EMA, and a short
+epoch refused. The same loop runs inside Ray Train (tests/test_stages.py, tests/test_pipeline.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from drray.artifacts import StageDir
+from drray.config import OptimConfig
+from drray.engine.fit import FitPlan, LocalRuntime, fit
+from drray.engine.model import ModelSpec
+from drray.methods import Classify, FixMatch
+
+SIZE, BATCH, STEPS = 32, 8, 2
+
+
+def labeled_stream(n_batches: int, seed: int = 0, calls: list | None = None, fail_on_call: int | None = None):
+    """One pass: ``n_batches`` batches of images whose target is their brightness (learnable)."""
+
+    def stream(batch_size, drop_last):
+        if calls is not None:
+            calls.append(batch_size)
+            if fail_on_call is not None and len(calls) == fail_on_call:
+                raise RuntimeError("the worker died")
+        rng = np.random.default_rng(seed + len(calls or []))
+        for _ in range(n_batches):
+            target = rng.integers(0, 2, batch_size).astype(np.float32)
+            images = (rng.integers(0, 60, (batch_size, 3, SIZE, SIZE)) + 150 * target[:, None, None, None])
+            ids = np.asarray([f"img{i}" for i in range(batch_size)], dtype=object)
+            yield {"image_id": ids, "image": images.astype(np.uint8), "target": target}
+
+    return stream
+
+
+def plan_for(tmp_path, **changes) -> FitPlan:
+    base = dict(name="teacher", out_dir=str(tmp_path / "teacher-abc"), spec=ModelSpec("classifier", "resnet18", SIZE),
+                method=Classify(), epochs=3, batch_size=BATCH, steps_per_epoch=STEPS,
+                optim=OptimConfig(name="adam", lr=1e-3), precision="fp32", validate=True, seed=0)
+    return FitPlan(**{**base, **changes})
+
+
+def runtime_for(tmp_path, **streams) -> LocalRuntime:
+    defaults = {"train": labeled_stream(STEPS * 10), "val": labeled_stream(3, seed=99)}
+    return LocalRuntime({**defaults, **streams}, tmp_path / "checkpoints")
+
+
+def test_every_epoch_is_logged_and_the_best_and_final_models_are_kept(tmp_path):
+    plan = plan_for(tmp_path)
+    metrics = fit(plan, runtime_for(tmp_path))
+    out = StageDir(tmp_path / "teacher-abc")
+    lines = [r for r in out.metrics() if "epoch" in r]
+    assert [r["epoch"] for r in lines] == [0, 1, 2] and metrics["epoch"] == 2
+    assert all(r["images"] == STEPS * BATCH and np.isfinite(r["loss"]) for r in lines)
+    aucs = [r["val_auc"] for r in lines]
+    assert out.best_metrics()["val_auc"] == max(aucs)
+    assert json.loads((out.best / "meta.json").read_text())["epoch"] == aucs.index(max(aucs))
+    assert (out.model / "model.pt").is_file() and json.loads((out.model / "meta.json").read_text())["epoch"] == 2
+    assert out.final_model() == out.best
+    assert out.pid(0) > 0
+
+
+def test_a_run_that_died_resumes_from_its_last_checkpoint(tmp_path):
+    calls: list = []
+    # every pass is one epoch; the third pass (epoch 2) dies
+    dying = runtime_for(tmp_path, train=labeled_stream(STEPS, calls=calls, fail_on_call=3))
+    with pytest.raises(RuntimeError, match="the worker died"):
+        fit(plan_for(tmp_path, epochs=4), dying)
+    out = StageDir(tmp_path / "teacher-abc")
+    assert out.epochs() == [0, 1]
+    calls.clear()
+    again = runtime_for(tmp_path, train=labeled_stream(STEPS, calls=calls))
+    fit(plan_for(tmp_path, epochs=4), again)
+    assert out.epochs() == [0, 1, 2, 3]  # every epoch once: continued, not restarted
+    resumed = [r for r in out.metrics() if r.get("event") == "resumed"]
+    assert [r["epochs_done"] for r in resumed] == [2]
+    assert len(calls) == 2  # only epochs 2 and 3 were trained again
+
+
+def test_early_stopping_stops_every_rank_at_the_same_epoch(tmp_path):
+    plan = plan_for(tmp_path, epochs=5, patience=1, min_delta=1.0)  # no AUC can gain 1.0
+    fit(plan, runtime_for(tmp_path))
+    out = StageDir(tmp_path / "teacher-abc")
+    assert out.epochs() == [0, 1]
+    assert [r["after_epoch"] for r in out.metrics() if r.get("event") == "stopped_early"] == [1]
+    assert (out.model / "model.pt").is_file() and (out.best / "model.pt").is_file()
+
+
+def test_a_pass_streams_several_epochs_each_with_its_full_batches(tmp_path):
+    calls: list = []
+    runtime = runtime_for(tmp_path, train=labeled_stream(STEPS * 2, calls=calls))
+    fit(plan_for(tmp_path, epochs=3, epochs_per_pass=2, validate=False), runtime)
+    out = StageDir(tmp_path / "teacher-abc")
+    assert out.epochs() == [0, 1, 2] and len(calls) == 2
+    assert {r["images"] for r in out.metrics() if "epoch" in r} == {STEPS * BATCH}
+    assert not out.best.exists() and out.final_model() == out.model  # nothing validated: the last model
+
+
+def test_a_short_epoch_is_an_error_not_a_smaller_epoch(tmp_path):
+    runtime = runtime_for(tmp_path, train=labeled_stream(1))
+    with pytest.raises(RuntimeError, match="delivered 8 of 16 images"):
+        fit(plan_for(tmp_path), runtime)
+
+
+def test_fixmatch_zips_the_unlabeled_stream_and_publishes_its_ema(tmp_path):
+    def unlabeled(batch_size, drop_last):
+        rng = np.random.default_rng(5)
+        for _ in range(STEPS * 10):
+            images = rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)
+            yield {"u_weak": images, "u_strong": images[::-1].copy()}
+
+    plan = plan_for(tmp_path, method=FixMatch(threshold=0.6), unlabeled_batch=2 * BATCH, ema_decay=0.5, epochs=2)
+    runtime = runtime_for(tmp_path, unlabeled=unlabeled)
+    fit(plan, runtime)
+    out = StageDir(tmp_path / "teacher-abc")
+    assert out.epochs() == [0, 1]
+    checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint_*"))[-1]
+    raw = torch.load(checkpoint / "model.pt", weights_only=True)
+    ema = torch.load(checkpoint / "ema.pt", weights_only=True)
+    published = torch.load(out.model / "model.pt", weights_only=True)
+    key = next(k for k in published if k.endswith("conv1.weight"))
+    assert torch.equal(published[key], ema[key]) and not torch.equal(published[key], raw[key])

@@ -1,0 +1,112 @@
+"""Imports flow one way. Every module's imports (read with ast, those inside functions too: an
+import hidden in a function is still a dependency) must point at its own layer or a lower one,
+the module graph must have no cycle, and a job module must not import another job module (jobs
+find each other's outputs through the stage graph, jobs.stages)."""
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# Highest first. A module belongs to the first layer whose prefix it has.
+LAYERS = [
+    ("jobs.cli", "jobs.submit"),  # the commands: may call any job
+    ("jobs",),  # the jobs and their helpers (jobs.common, jobs.stages, jobs.runner)
+    ("drray.launch",),  # SLURM, Ray over an allocation
+    ("drray.distributed",),  # the only place Ray's API is used
+    ("drray.engine", "drray.settings"),  # the fit loop, checkpoints, optimisers; whole-config checks
+    ("drray.methods",),  # a method's views, step and batch keys
+    ("drray.models", "drray.losses", "drray.data", "drray.metrics", "drray.plots", "drray.report",
+     "drray.artifacts", "drray.progress"),
+    ("drray.config",),
+    ("drray",),  # the package itself: its version
+]
+JOB_HELPERS = {"jobs.common", "jobs.stages", "jobs.runner", "jobs"}
+COMMANDS = {"jobs.cli", "jobs.submit"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for top in ("drray", "jobs") for p in (REPO / top).rglob("*.py")}
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports (anywhere in the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in known:  # `from drray.data import shards` -> drray.data.shards
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def layer(module: str) -> int:
+    for depth, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return len(LAYERS) - depth
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports_of(path, set(found)) - {name} for name, path in found.items()}
+
+
+def test_every_import_points_down_the_layers():
+    wrong = [f"{m} (layer {layer(m)}) imports {i} (layer {layer(i)})"
+             for m, deps in graph().items() for i in deps
+             if layer(i) > layer(m) and not m.startswith(i + ".")]  # a package's modules may see it
+    assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
+
+
+def test_job_modules_do_not_import_each_other():
+    wrong = [f"{m} imports {i}" for m, deps in graph().items()
+             if m.startswith("jobs.") and m not in COMMANDS | JOB_HELPERS
+             for i in deps if i.startswith("jobs") and i not in JOB_HELPERS]
+    helpers_importing_jobs = [f"{m} imports {i}" for m, deps in graph().items() if m in JOB_HELPERS
+                              for i in deps if i.startswith("jobs.") and i not in JOB_HELPERS]
+    assert not wrong + helpers_importing_jobs, "\n".join(wrong + helpers_importing_jobs)
+
+
+def test_the_module_graph_has_no_cycle():
+    deps = graph()
+    # parents are imported with their modules (`import drray.data.x` runs drray/data/__init__),
+    # but that is not a dependency of the package on its module: leave those edges out
+    edges = {m: {i for i in d if not m.startswith(i + ".")} for m, d in deps.items()}
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for i in sorted(edges.get(m, ())):
+            if state.get(i) == "open":
+                cycles.append(" -> ".join(path[path.index(i):] + [i]) if i in path else f"{m} -> {i}")
+            elif i not in state:
+                visit(i, path + [i])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_test_sees_imports_inside_functions(tmp_path):
+    """The checker itself: an import inside a function counts (the hidden circle it exists for)."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from jobs import distill\n    import drray.config\n")
+    found = imports_of(source, {"jobs", "jobs.distill", "drray", "drray.config"})
+    assert found == {"jobs", "jobs.distill", "drray.config"}
