@@ -24,6 +24,7 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CI = REPO / "configs" / "ci.yaml"
 TRAINING = ["pretrain", "teacher", "supervised", "distill", "student"]
+DISTILL_EPOCHS = 8
 
 
 def invocations(run: Path) -> list[dict]:
@@ -40,11 +41,13 @@ def epochs_in(stage_dir: Path) -> list[int]:
 
 
 def latest_checkpoint(storage: Path) -> str | None:
-    """The checkpoint Ray Train would resume this run from (its snapshot names it)."""
+    """The checkpoint a rerun would resume this stage from: Ray Train's snapshot names it; the
+    driver runtime's checkpoints are complete once they exist (renamed into place)."""
     try:
         snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, ValueError):
-        return None
+        local = sorted(p.name for p in storage.glob("checkpoint_[0-9]*") if p.is_dir())
+        return local[-1] if local else None
     latest = snapshot.get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
     return name if name and (storage / name).is_dir() else None
@@ -52,9 +55,11 @@ def latest_checkpoint(storage: Path) -> str | None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """The pipeline killed (driver and its Ray) after distill's first checkpoint, then run again."""
+    """The pipeline killed (driver and its Ray) after distill's first checkpoint, then run again
+    (distill trains longer than ci.yaml says, so the kill lands inside it)."""
     run = tmp_path_factory.mktemp("pipeline")
-    cmd = [sys.executable, "-m", "jobs.cli", "run", "pipeline", "--config", str(CI), "--set", f"run.dir={run}"]
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "pipeline", "--config", str(CI), "--set", f"run.dir={run}",
+           "--set", f"distill.epochs={DISTILL_EPOCHS}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline, distill = time.time() + 420, None
     while time.time() < deadline and distill is None:
@@ -98,7 +103,7 @@ def test_each_training_stage_wrote_what_the_next_one_reads(run):
 
     from drray.engine.checkpoint import load_model
 
-    cfg = load_config(CI, [f"run.dir={run}"])
+    cfg = load_config(CI, [f"run.dir={run}", f"distill.epochs={DISTILL_EPOCHS}"])
     pre = next(run.glob("pretrain-*"))
     state = torch.load(pre / "model" / "model.pt", weights_only=True)
     assert any(k.startswith("projection.") for k in state) and any(k.startswith("backbone.") for k in state)
@@ -156,7 +161,7 @@ def test_report_and_published_models(run):
 def test_a_changed_downstream_setting_reuses_the_upstream_stages(run, ray_session):
     from jobs import pipeline
 
-    cfg = load_config(CI, [f"run.dir={run}", "student_finetune.epochs=1"])
+    cfg = load_config(CI, [f"run.dir={run}", f"distill.epochs={DISTILL_EPOCHS}", "student_finetune.epochs=1"])
     pipeline.run(cfg)
     assert statuses(invocations(run)[-1]) == {
         "prepare": "skipped", "pretrain": "skipped", "teacher": "skipped", "supervised": "skipped",
@@ -199,7 +204,8 @@ def test_table1_adds_the_baselines_and_the_full_label_row_to_the_same_run(run):
     there with its CI and DeLong p against the student; the baselines publish their EMA weights."""
     import torch
 
-    cmd = [sys.executable, "-m", "jobs.cli", "run", "table1", "--config", str(CI), "--set", f"run.dir={run}"]
+    cmd = [sys.executable, "-m", "jobs.cli", "run", "table1", "--config", str(CI), "--set", f"run.dir={run}",
+           "--set", f"distill.epochs={DISTILL_EPOCHS}"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     status = statuses(invocations(run)[-1])

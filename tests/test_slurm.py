@@ -228,16 +228,21 @@ def test_plain_sbatch_template_forms_the_ray_cluster(cluster, tmp_path):
 # --- slow: the pipeline on 2 nodes, through a time limit and a requeue -----------------------------
 
 
+# ci.yaml's pipeline takes about a minute here: a longer pretraining makes the 2-minute limit
+# (signal 60 s early) land inside the work, and leaves later attempts stages of their own
+LONGER = ("--set", "pretrain.epochs=20")
+
+
 @pytest.fixture(scope="module")
 def pipeline_job(cluster, tmp_path_factory):
     run = tmp_path_factory.mktemp("slurm-pipeline")
-    submitted = drray("submit", "pipeline", "--config", str(CI), "--set", f"run.dir={run}", "--profile", "local",
-                      "--nodes", "2", "--time", "3", "--signal-delay", "60")
+    submitted = drray("submit", "pipeline", "--config", str(CI), "--set", f"run.dir={run}", *LONGER, "--profile",
+                      "local", "--nodes", "2", "--time", "2", "--signal-delay", "60")
     assert submitted.returncode == 0, submitted.stderr
     (job_id,) = submitted_ids(submitted.stdout)
     folder = run / "slurm"
     ids = [job_id]
-    # 1. Near its 3-minute limit SLURM warns the job (USR2, 60 s early): it requeues itself.
+    # 1. Near its 2-minute limit SLURM warns the job (USR2, 60 s early): it requeues itself.
     wait_until(lambda: any(e["event"] == "requeued" for e in events(folder, job_id)), "the time-limit requeue",
                420, ids, folder)
     # 2. Once the next attempt has finished a stage of its own, an operator requeues the job.
@@ -254,7 +259,7 @@ def pipeline_job(cluster, tmp_path_factory):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the fixture: a 2-node pipeline through two requeues (~6 min here)
+@pytest.mark.timeout(1500)  # the fixture: a 2-node pipeline through two requeues (~4 min here)
 def test_pipeline_on_two_nodes_finishes_after_time_limit_and_requeue(pipeline_job):
     run, job_id, folder, requeued_at = pipeline_job
     evs = events(folder, job_id)
@@ -309,7 +314,7 @@ def test_sweep_as_a_job_array_shares_the_stage_cache(pipeline_job, tmp_path):
     sweep_run = tmp_path / "sweep"
     # count 40 seed 0 is the pipeline's own labeled subset: that trial finds its stages done;
     # seed 1 trains its own. Both find the pipeline's pretraining through run.stages.
-    submitted = drray("submit", "sweep", "--config", str(SWEEP_CI), "--set", f"run.dir={sweep_run}",
+    submitted = drray("submit", "sweep", "--config", str(SWEEP_CI), "--set", f"run.dir={sweep_run}", *LONGER,
                       "--set", f"run.stages={pipeline_run}", "--set", "sweep.fractions=[]",
                       "--set", "sweep.counts=[40]", "--set", "sweep.seeds=[0, 1]",
                       "--set", "evaluate.tsne_images=100",  # ci.yaml's: seed 0 finds the pipeline's evaluation too
