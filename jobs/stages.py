@@ -20,7 +20,6 @@ Adding a stage: a record here, its job function, its tests.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -190,16 +189,11 @@ def _outside_input(cfg: Config, s: Stage) -> str | None:
     return str(path) if path is not None else None
 
 
+PSEUDOLABELS = "pseudolabels.parquet"  # the pseudolabel stage's table, in its directory
+
+
 def pseudolabels_path(cfg: Config, manifest: dict) -> Path:
     """The pseudo-label table distillation reads: distill.pseudolabels, else the pseudolabel stage's."""
     if cfg.distill.pseudolabels:
         return Path(cfg.distill.pseudolabels)
     return resolve(cfg, manifest)["pseudolabel"].dir.file(PSEUDOLABELS)
-
-
-PSEUDOLABELS = "pseudolabels.parquet"
-
-
-def with_section(cfg: Config, name: str, **changes) -> Config:
-    """``cfg`` with fields of one section changed (the config itself is never mutated)."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **changes)})

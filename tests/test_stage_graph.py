@@ -1,0 +1,91 @@
+"""The stage graph (jobs/stages.py) without Ray: every record is complete, resolving creates
+nothing, keys follow exactly what a stage depends on, and the one completion rule (done.json
+recording its inputs' hashes) redoes a stage whose input was replaced."""
+
+import dataclasses
+import json
+
+import pytest
+
+from drray.config import Config, load_config
+from jobs import common, stages
+from jobs.cli import JOBS
+from tests.conftest import REPO
+
+CI = REPO / "configs" / "ci.yaml"
+MANIFEST = {"content_hash": "c0ffee"}
+
+
+def keys(cfg) -> dict[str, str]:
+    return {name: r.key for name, r in stages.resolve(cfg, MANIFEST).items()}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(CI, [f"run.dir={tmp_path / 'run'}"])
+
+
+def test_every_stage_record_names_a_section_and_a_runner_that_exist():
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for s in stages.STAGES.values():
+        assert s.section is None or s.section in fields, s
+        assert callable(s.function()), s
+        assert all(u in stages.STAGES for u in s.upstream), s
+        assert s.name in JOBS and all(a in JOBS for a in s.aliases)  # the CLI reads the table
+    assert stages.stage("finetune").name == "teacher" and stages.stage("student-finetune").name == "student"
+    with pytest.raises(KeyError, match="the stages: prepare, pretrain"):
+        stages.stage("pretrian")
+
+
+def test_resolving_creates_nothing_and_puts_every_stage_in_the_stage_cache(cfg, tmp_path):
+    resolved = stages.resolve(cfg, MANIFEST)
+    assert not (tmp_path / "run").exists()
+    assert {r.dir.path.parent for r in resolved.values()} == {(tmp_path / "run").resolve()}
+    assert all(r.dir.name == f"{name}-{r.key}" for name, r in resolved.items())
+    order = list(resolved)  # topological: a stage after what it reads
+    assert order.index("pretrain") < order.index("teacher") < order.index("pseudolabel") < order.index("distill") \
+        < order.index("student")
+    assert resolved["student"].upstream == {"distill": resolved["distill"].dir.path}
+
+
+def test_keys_follow_what_each_stage_depends_on(cfg):
+    base = keys(cfg)
+    labels = keys(dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, seed=7)))
+    assert labels["pretrain"] == base["pretrain"]  # SimCLR reads no labels: a sweep shares it
+    assert all(labels[s] != base[s] for s in ("teacher", "supervised", "pseudolabel", "distill", "student"))
+    pretrain = keys(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, temperature=0.2)))
+    assert pretrain["teacher"] != base["teacher"] and pretrain["student"] != base["student"]  # downstream of it
+    assert pretrain["supervised"] == base["supervised"]  # starts from nothing
+    student = keys(dataclasses.replace(cfg, student_finetune=dataclasses.replace(cfg.student_finetune, epochs=9)))
+    assert {s for s in base if student[s] != base[s]} == {"student"}
+    data = {name: r.key for name, r in stages.resolve(cfg, {"content_hash": "other"}).items()}
+    assert all(data[s] != base[s] for s in base)
+    # inference settings that cannot change a pseudo-label leave the pseudolabel stage (and all after) alone
+    inference = keys(dataclasses.replace(cfg, pseudolabel=dataclasses.replace(cfg.pseudolabel, batch_size=7)))
+    assert inference == base
+
+
+def test_what_a_stage_reads_follows_the_config(cfg, tmp_path):
+    scratch = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, start_from="none"))
+    assert stages.resolve(scratch, MANIFEST)["teacher"].upstream == {}
+    table = tmp_path / "mine.parquet"
+    theirs = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, pseudolabels=str(table)))
+    assert stages.resolve(theirs, MANIFEST)["distill"].upstream == {}
+    assert stages.pseudolabels_path(theirs, MANIFEST) == table
+    assert stages.pseudolabels_path(cfg, MANIFEST).parent.name.startswith("pseudolabel-")
+
+
+def test_a_stage_whose_input_was_replaced_is_redone_not_trusted(cfg):
+    resolved = stages.resolve(cfg, MANIFEST)
+    pretrain, teacher = resolved["pretrain"], resolved["teacher"]
+    (pretrain.dir.model).mkdir(parents=True)
+    (pretrain.dir.model / "model.pt").write_bytes(b"weights v1")
+    teacher.dir.path.mkdir(parents=True)
+    (teacher.dir.path / "subset.json").write_text("{}")
+    common.finish_stage(cfg, teacher, {"metrics": {"epoch": 1}})
+    done = json.loads(teacher.dir.done_file.read_text())
+    assert done["inputs"] == {"pretrain": common.inputs_of(cfg, teacher)["pretrain"]}
+    assert common.finished(cfg, teacher)["skipped"] is True
+    (pretrain.dir.model / "model.pt").write_bytes(b"weights v2")  # the pretraining was replaced
+    assert common.finished(cfg, teacher) is None
+    assert not teacher.dir.path.exists()  # what it made from the old input is gone; it runs again
