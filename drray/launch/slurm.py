@@ -109,11 +109,15 @@ class ClusterJob(submitit.helpers.Checkpointable):
 
     def _recorded(self, folder: Path, job_id: str, meta: dict, body: Callable):
         """``body()`` with its end in the job's events: finished, or failed with the error (Ray's
-        start-up included). The SystemExit submitit raises after requeueing is neither."""
+        start-up included). The SystemExit submitit raises after requeueing is neither, nor is
+        the KeyboardInterrupt of a job `drray cancel` stopped (it recorded ``cancelled`` first)."""
         try:
             result = body()
         except BaseException as exc:
-            if not (isinstance(exc, SystemExit) and self._requeueing):
+            requeued = isinstance(exc, SystemExit) and self._requeueing
+            cancelled = isinstance(exc, KeyboardInterrupt) and any(
+                e["event"] == "cancelled" for e in read_events(folder, job_id))
+            if not (requeued or cancelled):
                 add_event(folder, job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                           traceback=traceback.format_exc()[-4000:], **meta)
             raise
