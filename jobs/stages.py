@@ -59,7 +59,7 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "synthesise (where configured) and prepare every data set the config names",
           "jobs.prepare:run", keyed=False),
-    Stage("pretrain", "stage 1: SimCLR pretraining on the unlabeled train pool (Ray Train)",
+    Stage("pretrain", "stage 1: SimCLR pretraining on the unlabeled train pool",
           "jobs.pretrain:run", "pretrain", training=True),
     Stage("teacher", "stage 2: the teacher, fine-tuned from finetune.start_from (the SimCLR backbone)",
           "jobs.finetune:run_teacher", "finetune", ("pretrain",), reads_labels=True, publishes=True, training=True,
