@@ -22,6 +22,7 @@ from drray.distributed.runtime import ensure_ray
 from drray.distributed.train import fit_stage, plan_record
 from drray.engine.checkpoint import MODEL_LEGACY, read_meta
 from drray.engine.fit import FitPlan
+from drray.progress import say
 from jobs import stages
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def finished(cfg: Config, r: stages.Resolved) -> dict | None:
     if done is None:
         return None
     if done.get("inputs", {}) != inputs_of(cfg, r):
-        log.warning("%s: an input of %s changed since it was made: it runs again", r.stage.name, r.dir.path)
+        say(r.stage.name, f"warning: an input of {r.dir.path} changed since it was made: it runs again")
         reset_stage(cfg, r)
         return None
     log.info("%s: complete in %s, skipped", r.stage.name, r.dir.path)
