@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -41,10 +42,35 @@ Examples:
 """
 
 
-@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+class SuggestingGroup(click.Group):
+    """A command group that answers a mistyped command with the closest ones."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name is not None and self.get_command(ctx, name) is None and not name.startswith("-"):
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise click.UsageError(f"no command {name!r}{hint} (commands: {', '.join(self.list_commands(ctx))})", ctx)
+        return super().resolve_command(ctx, args)
+
+
+class JobChoice(click.Choice):
+    """A job name: a mistyped one gets the closest jobs in its error."""
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:
+            close = difflib.get_close_matches(value, list(self.choices), n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            self.fail(f"no job {value!r}{hint} (jobs: {', '.join(self.choices)})", param, ctx)
+        return value
+
+
+@click.group(cls=SuggestingGroup, epilog=EXAMPLES, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(drray.__version__, prog_name="drray")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """drray: diabetic-retinopathy screening models from few labels and many unlabeled images.
 
     SimCLR pretraining -> teacher fine-tuning -> pseudo-labels -> student distillation ->
@@ -52,6 +78,8 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if ctx.invoked_subcommand is None:  # `drray` alone: what it can do, not an error
+        click.echo(ctx.get_help())
 
 
 @main.command()
@@ -139,7 +167,7 @@ def prepare(source, images, labels, out, size, image_format, partition, test_fra
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.argument("job", type=JobChoice(sorted(JOBS)), metavar="JOB")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="YAML config (configs/demo.yaml, configs/ci.yaml, configs/paper.yaml, ...).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -189,6 +217,30 @@ def checked_config(config_path: Path, overrides: tuple[str, ...], job: str):
     return cfg
 
 
+@main.command("config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML config to resolve (with its base files and --set overrides).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@click.option("--defaults", is_flag=True, help="Print every key with its default value instead.")
+def config_command(config_path: Path | None, overrides: tuple[str, ...], defaults: bool) -> None:
+    """Print a resolved config as YAML (what a job would run with), checked like a job's, without
+    running anything; or, with --defaults, every key drray knows with its default."""
+    from drray.config import Config, dump_yaml
+    from drray.settings import check_settings
+
+    if defaults:
+        click.echo(dump_yaml(Config()), nl=False)
+        return
+    if config_path is None:
+        raise click.UsageError("give --config CFG (or --defaults for every key and its default)")
+    try:
+        cfg = load_config(config_path, overrides)
+        check_settings(cfg, files=False)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(dump_yaml(cfg), nl=False)
+
+
 def claim_run_folders(cfg) -> None:
     """The run directory (and a separate stage cache) must be drray's: checked before any work."""
     from drray.artifacts import RESOLVED_CONFIG, claim_folder
@@ -208,7 +260,7 @@ def job_function(job: str):
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("job", type=click.Choice(sorted(JOBS)))
+@click.argument("job", type=JobChoice(sorted(JOBS)), metavar="JOB")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="YAML config; its run.dir is where the job writes (and its logs go: RUN/slurm/).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")

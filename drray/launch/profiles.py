@@ -103,9 +103,9 @@ def cluster_partitions() -> list[str]:
 
 
 def check_partition(profile: Profile, source: str) -> None:
-    if profile.partition is None:
-        return
+    """SLURM is there (its client tools answer) and has the profile's partition, if it names one:
+    checked before submitit is asked (without SLURM it fails with a 40-line traceback)."""
     partitions = cluster_partitions()
-    if profile.partition not in partitions:
+    if profile.partition is not None and profile.partition not in partitions:
         raise ProfileError(f"partition {profile.partition!r} (profile {source} or --partition) does not exist on "
                            f"this cluster; sinfo lists: {', '.join(partitions) or 'none'}")
