@@ -7,6 +7,15 @@ from __future__ import annotations
 import sys
 import time
 
+# The log line format of every drray process (the CLI, and a submitted job's own process).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+
 
 def say(prefix: str, text: str) -> None:
     """A progress or warning line on the console: ``[prefix] text``, the one format every job uses."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import click
 
 import drray
 from drray.config import ConfigError, SyntheticConfig, load_config
+from drray.progress import configure_logging
 from jobs.stages import STAGES
 
 # Jobs that `drray run JOB --config CFG` knows besides the stages (jobs.stages.STAGES): the
@@ -76,8 +76,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     SimCLR pretraining -> teacher fine-tuning -> pseudo-labels -> student distillation ->
     student fine-tuning, as Ray jobs that run on a laptop CPU and on SLURM clusters.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(verbose)
     if ctx.invoked_subcommand is None:  # `drray` alone: what it can do, not an error
         click.echo(ctx.get_help())
 
@@ -370,16 +369,26 @@ def logs(job_id: str, follow: bool, stream: str) -> None:
 @main.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
-    """Cancel JOB_ID (scancel; an array id cancels every task)."""
+    """Cancel JOB_ID (scancel; an array id cancels every task). A job that has already ended is
+    said to have ended, and the command exits non-zero when nothing was left to cancel."""
     from drray.launch import slurm
 
     try:
         subs = slurm.find(job_id)
-        for s in subs:
-            slurm.cancel(s)
-    except (LookupError, RuntimeError) as exc:
+    except LookupError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"cancelled {', '.join(s.job_id for s in subs)}")
+    cancelled, ended = [], []
+    for s in subs:
+        try:
+            slurm.cancel(s)
+            cancelled.append(s.job_id)
+        except RuntimeError as exc:
+            ended.append(str(exc))
+    for line in ended:
+        click.echo(line, err=True)
+    if not cancelled:
+        raise click.ClickException(f"nothing cancelled: job {job_id} had ended")
+    click.echo(f"cancelled {', '.join(cancelled)}")
 
 
 @main.command()

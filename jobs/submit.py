@@ -55,7 +55,9 @@ def describe(subs: list[slurm.Submission]) -> str:
     for s in subs:
         after = f", after {s.depends_on}" if s.depends_on else ""
         lines.append(f"submitted {s.name} as job {s.job_id} ({s.cluster}, {s.nodes} node(s){after})")
-    lines += [f"logs: {first.folder}/<job>_0_log.out and .err",
-              f"follow: drray logs {first.job_id} --follow    state: drray jobs    stop: drray cancel JOB_ID",
+    out, err = first.logs("both")
+    ids = " ".join(dict.fromkeys(s.job_id.split("_")[0] for s in subs))  # an array by its array id
+    lines += [f"logs: {out} and {err.name}" + (" (each job has its own pair in that folder)" if len(subs) > 1 else ""),
+              f"follow: drray logs {first.job_id} --follow    state: drray jobs    stop: drray cancel {ids}",
               f"run dir: {first.run_dir}"]
     return "\n".join(lines)

@@ -188,6 +188,15 @@ def test_local_executor_runs_a_job_without_slurm(tmp_path, monkeypatch):
     (job_id,) = submitted_ids(result.stdout)
     assert "(local, 1 node(s))" in result.stdout and f"job {job_id} (prepare): COMPLETED" in result.stdout
     assert [e["event"] for e in events(tmp_path / "run" / "slurm", job_id)] == ["finished"]
+    # the message names the real files and ids; the finished job has its tries and timing; its
+    # log holds drray's own lines; cancelling it says it had ended
+    assert f"{job_id}_0_log.out" in result.stdout and f"drray cancel {job_id}" in result.stdout
+    assert "<job>" not in result.stdout and "JOB_ID" not in result.stdout
+    row = next(line.split() for line in drray("jobs").stdout.splitlines() if line.split()[:1] == [job_id])
+    assert row[2] == "COMPLETED" and row[4] == "1" and row[5] != "-"
+    assert "up to date" in drray("logs", job_id).stdout
+    ended = drray("cancel", job_id)
+    assert ended.returncode != 0 and "had already ended: COMPLETED" in ended.stderr
     assert drray("submit", "prepare", "--config", str(CI), "--executor", "local", "--nodes", "2").returncode != 0
     # a running local job is cancelled: its process ends, `drray jobs` says CANCELLED
     run = tmp_path / "long"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ import submitit
 
 from drray.launch.profiles import Profile
 from drray.launch.ray_cluster import NodeTask, ray_node_count, ray_on_allocation
+from drray.progress import configure_logging
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "ENDED"}
@@ -85,10 +87,12 @@ class ClusterJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         self._requeueing = False  # set by checkpoint(); travels in the requeued pickle, so reset here
+        configure_logging()  # drray's own lines in the job's log, as `drray run` shows them
+        logging.getLogger("submitit").propagate = False  # it prints its own lines already
         env = submitit.JobEnvironment()
         folder, job_id = env.paths.folder, env.job_id
         if env.cluster != "slurm":  # --executor local: a local Ray, as `drray run` would start
-            return self._recorded(folder, job_id, {"node": "local"}, lambda: self.fn(*self.args))
+            return self._recorded(folder, job_id, {"node": "local", "started": time.time()}, lambda: self.fn(*self.args))
         task = NodeTask.from_slurm()
         meta = {"node": task.node, "attempt": task.attempt, "nodes": task.num_nodes}
         if task.rank != 0:  # a worker node: it serves Ray until the head is done
@@ -345,13 +349,22 @@ def timings(sub: Submission) -> dict:
     """Seconds from submission to the first start and to the first Ray cluster, attempts."""
     events = read_events(Path(sub.folder), sub.job_id)
     first = lambda name: next((e["time"] for e in events if e["event"] == name), None)  # noqa: E731
-    started, ready = first("started"), first("ray_ready")
+    # a local job records one event, its end, with the time it started
+    local = next((e["started"] for e in events if e["event"] in ("finished", "failed") and "started" in e), None)
+    started, ready = first("started") or local, first("ray_ready")
     return {"to_running": round(started - sub.submitted, 1) if started else None,
             "to_ray_ready": round(ready - sub.submitted, 1) if ready else None,
-            "attempts": sum(e["event"] == "started" for e in events)}
+            "attempts": sum(e["event"] == "started" for e in events) or int(local is not None)}
+
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "ENDED")
 
 
 def cancel(sub: Submission) -> None:
+    """Cancel a queued or running job; a job that has ended is an error that says so."""
+    now, _ = state(sub)
+    if now in ENDED:
+        raise RuntimeError(f"job {sub.job_id} ({sub.name}) had already ended: {now}; nothing to cancel")
     if sub.cluster == "slurm":
         try:
             _slurm(sub, ["scancel", sub.job_id])
