@@ -263,10 +263,6 @@ class StageDir:
     def subset_file(self) -> Path:  # the labeled subset and validation hold-out it trained on
         return self.path / "subset.json"
 
-    @property
-    def config_file(self) -> Path:
-        return self.path / RESOLVED_CONFIG
-
     def file(self, name: str) -> Path:
         """A stage's own output file (pseudolabels.parquet, pseudolabel_join.json, ...)."""
         return self.path / name

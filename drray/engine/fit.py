@@ -306,7 +306,6 @@ class LocalRuntime:
     def __init__(self, streams: dict, checkpoints: str | Path, keep: int = 2, device: str = "cpu"):
         self.streams, self.checkpoints, self.keep = streams, Path(checkpoints), keep
         self.device = torch.device(device)
-        self.reports: list[dict] = []
 
     def wrap(self, model):
         return model.to(self.device)
@@ -320,7 +319,6 @@ class LocalRuntime:
         yield found[-1] if found else None
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        self.reports.append(metrics)
         if checkpoint is None:
             return
         self.checkpoints.mkdir(parents=True, exist_ok=True)
