@@ -393,19 +393,26 @@ def cancel(job_id: str) -> None:
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
-              help="A model directory: RUN/models/student (or teacher, supervised), or any drray checkpoint.")
+              help="A published model folder: RUN/models/student (or teacher, supervised, fixmatch, mixmatch), "
+                   "or a stage's RUN/<stage>-<key>/best (or /model). Not a SimCLR encoder.")
 @click.option("--images", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="Folder of raw fundus photographs (searched recursively).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output table, .csv or .parquet: image_id, path, prob, referable, threshold, status, reason.")
+              help="Output table, .csv or .parquet: one row per file with its decision (refer / no referral / "
+                   "ungradable: retake or refer), prob, threshold and operating point, status and reason, "
+                   "warning, and the model's folder and weights hash.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Referable when prob >= this (default: the operating point stored with the model).")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images prepared and scored together (memory grows with it).")
 def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, batch_size: int) -> None:
-    """Screen raw fundus photographs: P(referable DR) and a referable flag per image.
+    """Screen raw fundus photographs: a referral decision for every file.
 
     The images get the preprocessing the model was trained with (fundus detection, centring,
-    resize). An image that cannot be read or shows no fundus gets a row with its reason.
+    resize). Each row says refer / no referral at the model's operating point (named in the
+    row), or "ungradable: retake or refer" with the reason for a photograph that cannot be
+    graded; grayscale and red-free photographs are flagged in the warning column. Every row
+    names the model and the SHA-256 of its weights.
     """
     from jobs.predict import run as predict_images
 
@@ -413,11 +420,16 @@ def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, b
         summary = predict_images(model_dir, images, out, batch_size=batch_size, threshold=threshold)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
-    not_graded = sum(summary["not_graded"].values())
     reasons = ", ".join(f"{k} {v}" for k, v in summary["not_graded"].items())
-    click.echo(f"{summary['images']} images: {summary['referable']} referable, {summary['not_referable']} not "
-               f"referable, {not_graded} not graded{f' ({reasons})' if reasons else ''}")
+    click.echo(f"{summary['images']} files: {summary['referable']} refer, {summary['not_referable']} no referral, "
+               f"{summary['ungradable']} ungradable (retake or refer)"
+               + (f", {summary['not_photographs']} not photographs" if summary["not_photographs"] else "")
+               + (f" [{reasons}]" if reasons else ""))
+    if summary["warnings"]:
+        click.echo(f"{summary['warnings']} grayscale or red-free photographs: see the warning column "
+                   f"(grade them by hand)", err=True)
     click.echo(f"threshold {summary['threshold']:.3f}: {summary['threshold_source']}")
+    click.echo(f"model {summary['model']} (weights sha256 {summary['model_sha256'][:12]}...)")
     click.echo(f"wrote {summary['out']}")
 
 

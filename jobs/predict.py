@@ -1,9 +1,13 @@
 """``drray predict``: screening raw fundus photographs with a trained model.
 
 Each image goes through the preprocessing the model was trained with (stored with the
-published model: fundus detection, centring, crop, resize), then the model. Every image gets a
-row: ``prob`` and ``referable`` (prob >= the model's operating threshold), or, for an image that
-cannot be read or shows no fundus, ``status`` (the reject kind) and ``reason``. Runs in this
+published model: fundus detection, centring, crop, resize), then the model. Every file gets a
+row with a ``decision``: "refer" / "no referral" (``prob`` >= the operating point's threshold),
+"ungradable: retake or refer" for a photograph that cannot be read or shows no usable fundus
+(``status`` = the reject kind, ``reason`` says why: never a silent negative), or "not a
+photograph" for a file that is not an image. Every row names the operating point and the model
+(its folder and the SHA-256 of its weights), so a decision can be traced later; ``warning``
+flags grayscale and red-free photographs, which the models were not trained on. Runs in this
 process (a folder from a clinic); for pools of hundreds of thousands, use the Ray jobs.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +23,45 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from drray.artifacts import NotOurOutput
+from drray.artifacts import NotOurOutput, sha256_file
 from drray.data.prepare import PrepareParams, prepare_rows
 from drray.data.sources import list_image_files
 from drray.data.transforms import decode_to_tensor
-from drray.engine.checkpoint import read_meta
+from drray.engine.checkpoint import classifier_meta
 from drray.progress import Progress
 
 log = logging.getLogger(__name__)
-SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("prob", pa.float32()),
-                    ("referable", pa.bool_()), ("threshold", pa.float32()), ("status", pa.string()),
-                    ("reason", pa.string())])
+SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("decision", pa.string()),
+                    ("prob", pa.float32()), ("referable", pa.bool_()), ("threshold", pa.float32()),
+                    ("operating_point", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                    ("warning", pa.string()), ("model", pa.string()), ("model_sha256", pa.string())])
+# Tables written by earlier drray versions: --out may replace them (they are drray's).
+EARLIER_COLUMNS = (["image_id", "path", "prob", "referable", "threshold", "status", "reason"],)
 FORMATS = (".csv", ".parquet")
+REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable: retake or refer"
+NOT_A_PHOTOGRAPH = "not a photograph: no decision"
+# Below this mean spread between colour channels (of 255) a photograph carries no colour.
+GRAYSCALE_CHROMA = 8.0
 
 
-def operating_threshold(meta: dict, override: float | None) -> tuple[float, str]:
-    """(threshold, where it came from): the flag's cut-off on the model's probability."""
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    name: str  # written in every row: which cut-off made the decision
+    source: str  # for the console: where it came from
+
+
+def operating_point(meta: dict, override: float | None) -> OperatingPoint:
+    """The referable cut-off on the model's probability: the flag's, else the model's own."""
     if override is not None:
-        return override, "--threshold"
+        return OperatingPoint(override, f"--threshold {override:g}", "--threshold")
     point = meta.get("operating_point")
     if point:
-        return float(point["threshold"]), (f"the model's operating point ({point['target_sensitivity']:.0%} "
-                                           f"sensitivity on {point['validation_images']} validation images)")
-    return 0.5, "0.5 (the model has no stored operating point: evaluate it with `drray run evaluate`)"
+        name = f"{point['target_sensitivity']:.0%} sensitivity on {point.get('chosen_on', 'validation')}"
+        return OperatingPoint(float(point["threshold"]), name,
+                              f"the model's operating point ({name}, {point['validation_images']} images)")
+    return OperatingPoint(0.5, "untuned 0.5", "0.5: the model has no stored operating point (evaluate it with "
+                                               "`drray run evaluate`, or pass --threshold)")
 
 
 def preprocessing_of(meta: dict) -> PrepareParams:
@@ -52,21 +73,27 @@ def preprocessing_of(meta: dict) -> PrepareParams:
     return PrepareParams(size=meta["spec"]["image_size"])
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    path: str
+    sha256: str  # of model.pt: the weights that made the decision, checkable later
+
+
 def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshold: float | None = None) -> dict:
     import torch
 
-    from drray.engine.checkpoint import load_model
-    from drray.engine.loop import predict_batch
+    from drray.engine.checkpoint import MODEL_FILE, load_model
 
     if out.suffix not in FORMATS:
         raise ValueError(f"--out {out}: write .csv or .parquet")
     check_out_file(out)
-    meta = read_meta(model_dir)
-    cut, source = operating_threshold(meta, threshold)
+    meta = classifier_meta(model_dir)
+    point = operating_point(meta, threshold)
     params = preprocessing_of(meta)
     files = list_image_files(images)
     if not files:
         raise FileNotFoundError(f"--images {images}: no image files (.jpeg/.jpg/.png/.tif/.tiff/.bmp) found")
+    identity = ModelIdentity(str(model_dir.resolve()), sha256_file(model_dir / MODEL_FILE))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(model_dir, device)
     model.eval()
@@ -74,20 +101,55 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         prepared = prepare_rows([{"image_id": p.stem, "path": str(p)} for p in chunk], params).to_pylist()
-        good = [r for r in prepared if r["kind"] is None]
-        probs = np.zeros(0, np.float32)
-        if good:
-            batch = np.stack([decode_to_tensor(r["image"]).numpy() for r in good])
-            probs, _ = predict_batch(model, batch, device=device, dtype=None)
-        prob_of = dict(zip((r["path"] for r in good), probs.tolist(), strict=True))
-        for r in prepared:
-            p = prob_of.get(r["path"])
-            rows.append({"image_id": r["image_id"], "path": str(Path(r["path"]).relative_to(images)), "prob": p,
-                         "referable": None if p is None else p >= cut, "threshold": cut,
-                         "status": r["kind"] or "ok", "reason": r["reason"]})
+        rows += _screen(model, prepared, device, point, identity, images)
         progress(len(rows), len(files))
     _write(pa.Table.from_pylist(rows, schema=SCHEMA), out)
-    return _summary(rows, out, source)
+    return _summary(rows, out, point)
+
+
+def _screen(model, prepared: list[dict], device, point: OperatingPoint, identity: ModelIdentity,
+            images: Path) -> list[dict]:
+    """One output row per prepared row: a decision for every image, graded or not."""
+    from drray.engine.loop import predict_batch
+
+    good = [r for r in prepared if r["kind"] is None]
+    pixels = [decode_to_tensor(r["image"]).numpy() for r in good]
+    probs = predict_batch(model, np.stack(pixels), device=device, dtype=None)[0].tolist() if good else []
+    graded = {id(r): (p, colour_warning(x)) for r, p, x in zip(good, probs, pixels, strict=True)}
+    rows = []
+    for r in prepared:
+        prob, warning = graded.get(id(r), (None, None))
+        rows.append({"image_id": r["image_id"], "path": str(Path(r["path"]).relative_to(images)),
+                     "decision": _decision(prob, r["kind"], point.threshold), "prob": prob,
+                     "referable": None if prob is None else prob >= point.threshold,
+                     "threshold": point.threshold, "operating_point": point.name, "status": r["kind"] or "ok",
+                     "reason": r["reason"], "warning": warning, "model": identity.path,
+                     "model_sha256": identity.sha256})
+    return rows
+
+
+def _decision(prob: float | None, kind: str | None, threshold: float) -> str:
+    """What the clinic does with the image: a photograph that cannot be graded is never negative."""
+    if prob is not None:
+        return REFER if prob >= threshold else NO_REFERRAL
+    return NOT_A_PHOTOGRAPH if kind == "unsupported_format" else UNGRADABLE
+
+
+def colour_warning(image: np.ndarray) -> str | None:
+    """A warning for a grayscale or red-free photograph (uint8 CHW): the models are trained on
+    colour fundus photographs, in which red dominates; without colour their probability is not
+    to be trusted. Only fundus pixels count (the masked border is black)."""
+    rgb = image.reshape(3, -1).astype(np.float32)
+    lit = rgb.max(axis=0) > 20
+    if lit.sum() < 0.05 * rgb.shape[1]:
+        return None  # too little fundus to judge: the preparation passed it, so it is not dark
+    red, green, _ = rgb[:, lit].mean(axis=1)
+    chroma = float((rgb[:, lit].max(axis=0) - rgb[:, lit].min(axis=0)).mean())
+    if chroma < GRAYSCALE_CHROMA:
+        return "grayscale photograph: the model was trained on colour photographs; grade this image by hand"
+    if red < 0.5 * green:
+        return "red-free (green) photograph: the model was trained on colour photographs; grade this image by hand"
+    return None
 
 
 def check_out_file(out: Path) -> None:
@@ -95,7 +157,7 @@ def check_out_file(out: Path) -> None:
     anything else there is the user's, and is never overwritten."""
     if not out.exists() and not out.is_symlink():
         return
-    if out.is_file() and not out.is_symlink() and _columns(out) == SCHEMA.names:
+    if out.is_file() and not out.is_symlink() and _columns(out) in (SCHEMA.names, *EARLIER_COLUMNS):
         return
     raise NotOurOutput(f"--out {out} exists and is not a table drray predict wrote: choose a new file name "
                        f"(drray never overwrites a file it did not write)")
@@ -121,11 +183,13 @@ def _write(table: pa.Table, out: Path) -> None:
     tmp.replace(out)
 
 
-def _summary(rows: list[dict], out: Path, threshold_source: str) -> dict:
+def _summary(rows: list[dict], out: Path, point: OperatingPoint) -> dict:
     from collections import Counter
 
-    graded = [r for r in rows if r["status"] == "ok"]
-    return {"out": str(out), "images": len(rows), "referable": sum(r["referable"] for r in graded),
-            "not_referable": sum(not r["referable"] for r in graded),
+    decisions = Counter(r["decision"] for r in rows)
+    return {"out": str(out), "images": len(rows), "referable": decisions[REFER], "not_referable": decisions[NO_REFERRAL],
+            "ungradable": decisions[UNGRADABLE], "not_photographs": decisions[NOT_A_PHOTOGRAPH],
             "not_graded": dict(Counter(r["status"] for r in rows if r["status"] != "ok")),
-            "threshold": rows[0]["threshold"] if rows else None, "threshold_source": threshold_source}
+            "warnings": sum(r["warning"] is not None for r in rows),
+            "threshold": point.threshold, "threshold_source": point.source,
+            "model": rows[0]["model"] if rows else None, "model_sha256": rows[0]["model_sha256"] if rows else None}

@@ -195,7 +195,8 @@ def test_predict_gives_every_image_a_row(run, tmp_path):
         assert r["path"] == f"left/{path.name}"
     for bad in ("corrupt", "truncated", "black"):
         assert rows[bad]["status"] != "ok" and rows[bad]["reason"] and rows[bad]["prob"] is None
-    assert "3 not graded" in result.stdout and "operating point" in result.stdout
+    assert "3 ungradable" in result.stdout and "operating point" in result.stdout
+    assert {rows[bad]["decision"] for bad in ("corrupt", "truncated", "black")} == {"ungradable: retake or refer"}
 
 
 def test_table1_adds_the_baselines_and_the_full_label_row_to_the_same_run(run):

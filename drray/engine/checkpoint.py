@@ -90,6 +90,34 @@ def read_meta(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def classifier_meta(directory: str | Path) -> dict:
+    """The meta of a classifier checkpoint, or an error that names what to pass instead: users
+    point commands at stage directories, run directories and SimCLR encoders, not only models."""
+    directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a drray model folder ({META_FILE} missing){_instead(directory)}")
+    meta = read_meta(directory)
+    if meta["spec"]["kind"] != "classifier":
+        raise ValueError(f"{directory} is a {meta['spec']['kind']} model (SimCLR pretraining: an encoder without a "
+                         f"referable-DR head), not a classifier: pass a fine-tuned model such as RUN/models/student, "
+                         f"RUN/models/teacher or RUN/models/supervised")
+    return meta
+
+
+def _instead(directory: Path) -> str:
+    """What the user probably meant, from what the folder holds."""
+    inside = [name for name in ("best", "model") if (directory / name / META_FILE).is_file()]
+    if inside:
+        options = " or ".join(f"{directory / name}" for name in inside)
+        return (f"; it looks like a stage directory: pass {options} (best: the epoch chosen on validation; "
+                f"model: the last epoch)")
+    published = sorted(p.parent.name for p in directory.glob(f"models/*/{META_FILE}"))
+    if published:
+        return "; it looks like a run directory: pass one of its models: " + ", ".join(
+            str(directory / "models" / name) for name in published)
+    return ": pass a folder holding model.pt and meta.json, e.g. RUN/models/student"
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from a checkpoint directory (its spec) and load its weights strictly."""
     from drray.models.checkpoints import load_strict

@@ -1,0 +1,114 @@
+"""`drray predict` for a clinic: a decision for every file, the model and operating point named in
+every row, ungradable photographs never negative, grayscale and red-free flagged, and the wrong
+folder answered with what to pass instead. A tiny real classifier, no Ray: seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from drray.data.prepare import PrepareParams
+from drray.data.synthetic import EYEPACS_CAMERA, render_fundus
+from drray.engine.checkpoint import save_checkpoint
+from drray.engine.model import ModelSpec
+from jobs.cli import main
+from jobs.predict import NO_REFERRAL, REFER, UNGRADABLE, colour_warning
+
+SIZE = 64
+
+
+def _model(folder, kind="classifier", operating_point=None):
+    spec = ModelSpec(kind=kind, backbone="resnet18", image_size=SIZE)
+    extra = {"preprocessing": dataclasses.asdict(PrepareParams(size=SIZE))}
+    if operating_point:
+        extra["operating_point"] = operating_point
+    return save_checkpoint(folder, model=spec.build(pretrained=False), spec=spec, epoch=1, metrics={}, extra=extra)
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory):
+    """Two colour photographs, a grayscale and a red-free copy, a black frame, a broken file."""
+    folder = tmp_path_factory.mktemp("clinic")
+    rng = np.random.default_rng(0)
+    colour = [render_fundus(rng, grade, "left", EYEPACS_CAMERA) for grade in (0, 3)]
+    for i, image in enumerate(colour):
+        image.save(folder / f"colour{i}.jpg", quality=95)
+    colour[0].convert("L").save(folder / "gray.png")
+    r, g, b = colour[1].split()
+    Image.merge("RGB", (r.point(lambda v: v // 8), g, b.point(lambda v: v // 8))).save(folder / "redfree.png")
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(folder / "black.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return folder
+
+
+def _predict(model, images, out, *extra):
+    return CliRunner().invoke(main, ["predict", "--model", str(model), "--images", str(images), "--out", str(out),
+                                     *extra])
+
+
+def test_every_row_names_its_decision_model_and_operating_point(tmp_path, clinic):
+    point = {"threshold": 0.5, "target_sensitivity": 0.9, "chosen_on": "validation", "validation_images": 40}
+    model = _model(tmp_path / "student", operating_point=point)
+    out = tmp_path / "screening.csv"
+    result = _predict(model, clinic, out)
+    assert result.exit_code == 0, result.output
+    rows = {r["image_id"]: r for r in pacsv.read_csv(out).to_pylist()}
+    assert set(rows) == {"colour0", "colour1", "gray", "redfree", "black", "broken"}
+    weights = hashlib.sha256((model / "model.pt").read_bytes()).hexdigest()
+    for r in rows.values():
+        assert r["model"] == str(model.resolve()) and r["model_sha256"] == weights
+        assert r["operating_point"] == "90% sensitivity on validation" and r["threshold"] == 0.5
+    for name in ("colour0", "colour1", "gray", "redfree"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["decision"] == (REFER if r["prob"] >= 0.5 else NO_REFERRAL)
+    for name in ("black", "broken"):
+        assert rows[name]["decision"] == UNGRADABLE and rows[name]["prob"] is None and rows[name]["reason"]
+    assert "grayscale" in rows["gray"]["warning"] and "red-free" in rows["redfree"]["warning"]
+    assert not rows["colour0"]["warning"] and not rows["colour1"]["warning"]  # CSV: empty
+    assert "2 ungradable" in result.output and weights[:12] in result.output
+
+
+def test_a_threshold_given_or_missing_is_named_in_the_rows(tmp_path, clinic):
+    model = _model(tmp_path / "m")  # evaluated never: no stored operating point
+    out = tmp_path / "a.parquet"
+    assert _predict(model, clinic, out).exit_code == 0
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(out)["operating_point"].to_pylist()) == {"untuned 0.5"}
+    assert _predict(model, clinic, out, "--threshold", "0.3").exit_code == 0  # its own earlier table: replaced
+    assert set(pq.read_table(out)["operating_point"].to_pylist()) == {"--threshold 0.3"}
+
+
+def test_the_wrong_folder_gets_told_what_to_pass(tmp_path, clinic):
+    out = tmp_path / "x.csv"
+    encoder = _model(tmp_path / "pretrain" / "model", kind="simclr")
+    result = _predict(encoder, clinic, out)
+    assert result.exit_code == 1 and "SimCLR" in result.output and "RUN/models/student" in result.output
+    stage = tmp_path / "teacher-abc"
+    _model(stage / "best")
+    result = _predict(stage, clinic, out)
+    assert result.exit_code == 1 and "stage directory" in result.output and str(stage / "best") in result.output
+    run = tmp_path / "run"
+    _model(run / "models" / "student")
+    result = _predict(run, clinic, out)
+    assert result.exit_code == 1 and "run directory" in result.output and str(run / "models" / "student") in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_colour_warning_reads_colour_not_brightness():
+    rng = np.random.default_rng(1)
+    fundus = np.zeros((3, 32, 32), np.uint8)
+    fundus[0, 4:28, 4:28] = rng.integers(150, 220, (24, 24))
+    fundus[1, 4:28, 4:28] = rng.integers(60, 100, (24, 24))
+    fundus[2, 4:28, 4:28] = rng.integers(20, 40, (24, 24))
+    assert colour_warning(fundus) is None
+    assert colour_warning(fundus // 3) is None  # a dark colour photograph is still colour
+    gray = np.repeat(fundus[1:2], 3, axis=0)
+    assert "grayscale" in colour_warning(gray)
+    assert "red-free" in colour_warning(fundus[[2, 1, 2]])
