@@ -350,11 +350,51 @@ class Origin:
     overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> the --set item
 
     def of(self, key: str) -> str:
+        """``--set item``, or ``file:line`` of the key (or of its section) in the file that set it."""
         key = key.split("[")[0]
         for given, item in self.overrides.items():
             if key == given or key.startswith(given + ".") or given.startswith(key + "."):
                 return f"--set {item}"
-        return self.file
+        return _key_position(Path(self.file), key) or self.file
+
+
+def _key_position(path: Path, key: str) -> str | None:
+    """Where ``key`` (dotted) is written: the last file of the ``base`` chain that sets it, with
+    its line. Looked up only when an error is reported, so loading stays one ``safe_load``."""
+    positions: dict[str, str] = {}
+    try:
+        for file in reversed(_base_chain(path)):
+            positions.update(_key_lines(file))
+    except (OSError, yaml.YAMLError):
+        return None
+    parts = key.split(".")
+    for depth in range(len(parts), 0, -1):  # the key, else the section it sits in
+        if (found := positions.get(".".join(parts[:depth]))) is not None:
+            return found
+    return None
+
+
+def _base_chain(path: Path) -> list[Path]:
+    """This file, then its ``base``, then that file's base... (cycles were refused on loading)."""
+    chain = [path]
+    while len(chain) < 32 and isinstance(base := (yaml.safe_load(chain[-1].read_text()) or {}).get("base"), str):
+        chain.append(chain[-1].parent / base)
+    return chain
+
+
+def _key_lines(path: Path) -> dict[str, str]:
+    """dotted key -> "file:line" (as a person counts lines) for every mapping key in a YAML file."""
+    found: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = _join(prefix, str(key_node.value))
+                found[dotted] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, dotted)
+
+    walk(yaml.compose(path.read_text()), "")
+    return found
 
 
 def read_yaml_mapping(path: Path, expected: str) -> dict:

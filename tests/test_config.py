@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from drray.config import Config, ConfigError, config_from_dict, dump_yaml, load_config, run_dir
+from drray.settings import check_settings
 from tests.conftest import REPO
 
 
@@ -150,11 +151,25 @@ def test_out_of_range_values_name_key_value_origin_and_range(item, key, allowed)
     assert item.partition("=")[2].split(",")[0].strip("[") in message and allowed in message
 
 
-def test_a_file_value_out_of_range_names_the_file(tmp_path):
+def test_a_file_value_out_of_range_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: " + str(REPO / "configs" / "ci.yaml") + "\npretrain:\n  epochs: 0\n")
-    with pytest.raises(ConfigError, match=rf"^{bad}: key 'pretrain.epochs': 0 is out of range"):
+    with pytest.raises(ConfigError, match=rf"^{bad}:3: key 'pretrain.epochs': 0 is out of range"):
         load_config(bad)
+
+
+def test_a_mistake_in_a_base_file_is_placed_in_that_file(tmp_path):
+    base = _write(tmp_path, "run:\n  seed: 1\n\nsupervised:\n  backbone: resnet181\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {base.name}\npretrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{base}:5: key 'supervised.backbone': unknown backbone"):
+        check_settings(load_config(child))
+    child.write_text(f"base: {base.name}\nsupervised:\n\n  backbone: resnet1888\n")  # the child's value wins
+    with pytest.raises(ConfigError, match=rf"^{child}:4: key 'supervised.backbone'"):
+        check_settings(load_config(child))
+    typo = _write(tmp_path, "labels:\n  seed: 1\n  fractoin: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{typo}:3: unknown key 'labels.fractoin'"):
+        load_config(typo)
 
 
 def test_set_mistakes_are_reported_as_set_mistakes():
