@@ -55,12 +55,18 @@ class SyntheticConfig:
     frame_scale: float = 1.0  # smaller frames draw faster; the demo's 64 px outputs need little
 
 
+# How an image's id is made from its file: the stem ('left'), or the path under the image folder
+# without the extension ('patientA/left', for data sets that reuse names across folders).
+IdFrom = Literal["stem", "path"]
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """One raw data set and where its prepared shards live."""
 
     source: Literal["eyepacs", "messidor2", "folder"] = "eyepacs"
     images: str = ""  # folder searched recursively for image files
+    id_from: IdFrom = "stem"  # label rows name images the same way
     labels: tuple[str, ...] = ()  # label CSVs; relative paths are relative to `images`
     prepared: str = ""  # output of `drray prepare`: shards/, rejects.parquet, manifest.json
     partition: str | None = None  # CSV image_id,split (e.g. the Voets et al. partition)

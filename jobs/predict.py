@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from drray.artifacts import NotOurOutput, sha256_file
 from drray.data.prepare import PrepareParams, prepare_rows
-from drray.data.sources import list_image_files
+from drray.data.sources import list_input_files, printable
 from drray.data.transforms import decode_to_tensor
 from drray.engine.checkpoint import classifier_meta
 from drray.progress import Progress
@@ -90,9 +90,9 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
     meta = classifier_meta(model_dir)
     point = operating_point(meta, threshold)
     params = preprocessing_of(meta)
-    files = list_image_files(images)
+    files = list_input_files(images, exclude=[out])  # --out may sit in the folder it screens
     if not files:
-        raise FileNotFoundError(f"--images {images}: no image files (.jpeg/.jpg/.png/.tif/.tiff/.bmp) found")
+        raise FileNotFoundError(f"--images {images}: no files found (hidden files aside)")
     identity = ModelIdentity(str(model_dir.resolve()), sha256_file(model_dir / MODEL_FILE))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(model_dir, device)
@@ -100,7 +100,9 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
     rows, progress = [], Progress("predict")
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        prepared = prepare_rows([{"image_id": p.stem, "path": str(p)} for p in chunk], params).to_pylist()
+        # paths as bytes: a file name that is not UTF-8 cannot travel as an Arrow string
+        prepared = prepare_rows([{"image_id": printable(p.stem), "path": bytes(p)} for p in chunk],
+                                params).to_pylist()
         rows += _screen(model, prepared, device, point, identity, images)
         progress(len(rows), len(files))
     _write(pa.Table.from_pylist(rows, schema=SCHEMA), out)
@@ -119,7 +121,7 @@ def _screen(model, prepared: list[dict], device, point: OperatingPoint, identity
     rows = []
     for r in prepared:
         prob, warning = graded.get(id(r), (None, None))
-        rows.append({"image_id": r["image_id"], "path": str(Path(r["path"]).relative_to(images)),
+        rows.append({"image_id": r["image_id"], "path": str(Path(r["path"]).relative_to(printable(str(images)))),
                      "decision": _decision(prob, r["kind"], point.threshold), "prob": prob,
                      "referable": None if prob is None else prob >= point.threshold,
                      "threshold": point.threshold, "operating_point": point.name, "status": r["kind"] or "ok",

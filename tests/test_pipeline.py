@@ -180,14 +180,15 @@ def test_predict_gives_every_image_a_row(run, tmp_path):
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg at all")
     (folder / "truncated.jpeg").write_bytes(raw[0].read_bytes()[:600])
     Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(folder / "black.png")
-    (folder / "notes.txt").write_text("not an image, ignored")
+    (folder / "notes.txt").write_text("not an image: a row that says so")
     out = tmp_path / "screening.csv"
     result = subprocess.run([sys.executable, "-m", "jobs.cli", "predict", "--model", str(run / "models" / "student"),
                              "--images", str(folder), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {r["image_id"]: r for r in pacsv.read_csv(out).to_pylist()}
-    assert set(rows) == {p.stem for p in raw} | {"corrupt", "truncated", "black"}
+    assert set(rows) == {p.stem for p in raw} | {"corrupt", "truncated", "black", "notes"}
+    assert rows["notes"]["status"] == "unsupported_format"
     threshold = json.loads((run / "models" / "student" / "meta.json").read_text())["operating_point"]["threshold"]
     for path in raw:
         r = rows[path.stem]

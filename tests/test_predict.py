@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -18,7 +19,7 @@ from drray.data.synthetic import EYEPACS_CAMERA, render_fundus
 from drray.engine.checkpoint import save_checkpoint
 from drray.engine.model import ModelSpec
 from jobs.cli import main
-from jobs.predict import NO_REFERRAL, REFER, UNGRADABLE, colour_warning
+from jobs.predict import NO_REFERRAL, NOT_A_PHOTOGRAPH, REFER, UNGRADABLE, colour_warning
 
 SIZE = 64
 
@@ -44,6 +45,8 @@ def clinic(tmp_path_factory):
     Image.merge("RGB", (r.point(lambda v: v // 8), g, b.point(lambda v: v // 8))).save(folder / "redfree.png")
     Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(folder / "black.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "notes.txt").write_text("referral letters in the other folder")
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes((folder / "colour0.jpg").read_bytes())  # not UTF-8
     return folder
 
 
@@ -59,11 +62,13 @@ def test_every_row_names_its_decision_model_and_operating_point(tmp_path, clinic
     result = _predict(model, clinic, out)
     assert result.exit_code == 0, result.output
     rows = {r["image_id"]: r for r in pacsv.read_csv(out).to_pylist()}
-    assert set(rows) == {"colour0", "colour1", "gray", "redfree", "black", "broken"}
+    assert set(rows) == {"colour0", "colour1", "gray", "redfree", "black", "broken", "notes", "caf\\xe9"}
     weights = hashlib.sha256((model / "model.pt").read_bytes()).hexdigest()
     for r in rows.values():
         assert r["model"] == str(model.resolve()) and r["model_sha256"] == weights
         assert r["operating_point"] == "90% sensitivity on validation" and r["threshold"] == 0.5
+    assert rows["caf\\xe9"]["path"] == "caf\\xe9.jpg" and rows["caf\\xe9"]["prob"] == pytest.approx(rows["colour0"]["prob"])
+    assert rows["notes"]["decision"] == NOT_A_PHOTOGRAPH and rows["notes"]["status"] == "unsupported_format"
     for name in ("colour0", "colour1", "gray", "redfree"):
         r = rows[name]
         assert r["status"] == "ok" and r["decision"] == (REFER if r["prob"] >= 0.5 else NO_REFERRAL)
@@ -75,14 +80,19 @@ def test_every_row_names_its_decision_model_and_operating_point(tmp_path, clinic
 
 
 def test_a_threshold_given_or_missing_is_named_in_the_rows(tmp_path, clinic):
-    model = _model(tmp_path / "m")  # evaluated never: no stored operating point
-    out = tmp_path / "a.parquet"
-    assert _predict(model, clinic, out).exit_code == 0
     import pyarrow.parquet as pq
 
-    assert set(pq.read_table(out)["operating_point"].to_pylist()) == {"untuned 0.5"}
-    assert _predict(model, clinic, out, "--threshold", "0.3").exit_code == 0  # its own earlier table: replaced
-    assert set(pq.read_table(out)["operating_point"].to_pylist()) == {"--threshold 0.3"}
+    model = _model(tmp_path / "m")  # evaluated never: no stored operating point
+    out = clinic / "screened.parquet"  # inside the folder it screens: never an input
+    try:
+        assert _predict(model, clinic, out).exit_code == 0
+        assert set(pq.read_table(out)["operating_point"].to_pylist()) == {"untuned 0.5"}
+        assert _predict(model, clinic, out, "--threshold", "0.3").exit_code == 0  # its own earlier table: replaced
+        table = pq.read_table(out)
+        assert set(table["operating_point"].to_pylist()) == {"--threshold 0.3"}
+        assert "screened" not in table["image_id"].to_pylist()
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def test_the_wrong_folder_gets_told_what_to_pass(tmp_path, clinic):

@@ -3,6 +3,7 @@ counts add up, output is replaced atomically, and `drray run prepare` builds dat
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,34 @@ def test_a_run_that_prepares_nothing_keeps_the_good_set(ray_session, messy_eyepa
     assert "no image could be prepared" in result.output and "kept" in result.output
     assert read_manifest(out) == before and len(read_index(out)) == before["counts"]["prepared"]
     assert not list(tmp_path.glob(".prepared.*"))
+
+
+def test_inputs_of_every_kind_one_row_each(ray_session, tmp_path):
+    """A folder as users have them: a file name that is not UTF-8, a .webp, a README.txt, a
+    latin-1 label CSV with splits in any case, an empty grade and a split drray does not know."""
+    images = tmp_path / "clinic"
+    images.mkdir()
+    frame().save(images / os.fsdecode(b"caf\xe9.jpg"), format="JPEG")  # latin-1 bytes, not UTF-8
+    frame(seed=1).save(images / "eye.webp")
+    frame(seed=2).save(images / "zoë.png")
+    frame(seed=3).save(images / "odd.png")
+    (images / "README.txt").write_text("photographs from the clinic, 2024")
+    (images / ".DS_Store").write_bytes(b"\0")  # hidden: not an input
+    (images / "grades.csv").write_bytes(
+        "image_id,grade,split\ncafé.jpg,2, Test \neye.webp,,\nzoë,1,Validation\nodd,0,holdout\n".encode("latin-1"))
+    out = tmp_path / "prepared"
+    result = CliRunner().invoke(main, ["prepare", "--source", "folder", "--images", str(images),
+                                       "--labels", "grades.csv", "--out", str(out), "--size", "32"])
+    assert result.exit_code == 0, result.output
+    index = {r["image_id"]: r for r in read_index(out).to_pylist()}
+    rejects = {r["image_id"]: r for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    assert {k: (v["grade"], v["split"]) for k, v in index.items()} == {
+        "café": (2, "test"), "eye": (None, "train"), "zoë": (1, "val")}
+    assert {k: v["kind"] for k, v in rejects.items()} == {"README": "unsupported_format", "odd": "bad_split"}
+    assert "grades.csv:5" in rejects["odd"]["reason"] and rejects["README"]["path"].endswith("README.txt")
+    paths = pq.read_table(shard_paths(out)[0], columns=["path"]).column("path").to_pylist()
+    assert str(images / "caf\\xe9.jpg") in paths  # the name's byte, printable
+    counts = read_manifest(out)["counts"]
+    assert counts["inputs"] == 5 == len(index) + len(rejects)  # every non-hidden file but the labels
+    assert counts["rejected_by_reason"] == {"bad_split": 1, "unsupported_format": 1}
+    assert counts["unlabeled"] == 1 and read_manifest(out)["id_from"] == "stem"

@@ -8,21 +8,26 @@ because of one bad file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
 import drray
 from drray.data.fundus import ImageRejected, encode_image, prepare_fundus
 from drray.data.shards import SHARD_SCHEMA
+from drray.data.sources import is_image_file, printable, unsupported_reason
 
 OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), pa.field("reason", pa.string())])
 
 
 # Bump when the preprocessing changes what it outputs, so prepared data is redone.
-PREPROCESSING_VERSION = 4
+# 5: every file is an input (.webp read, other files rejected), empty grades unlabeled, splits
+# normalised, file names that are not UTF-8 prepared.
+PREPROCESSING_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -36,22 +41,33 @@ class PrepareParams:
 
 
 def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
-    """Prepare each input row (keys: image_id, path, grade, source, split)."""
+    """Prepare each input row (keys: image_id, path, grade, source, split).
+
+    ``path`` is a str or its ``os.fsencode`` bytes: a file name that is not UTF-8 cannot travel
+    through Arrow as a string, its bytes can. The output's ``path`` is :func:`printable`.
+    """
     out = []
     for row in rows:
-        record = {name: row.get(name) for name in ("image_id", "path", "grade", "source", "split")}
+        record = {name: row.get(name) for name in ("image_id", "grade", "source", "split")}
+        path = os.fsdecode(row["path"]) if row.get("path") is not None else None
+        record["path"] = printable(path) if path is not None else None
+        if path is not None and not is_image_file(Path(path)):  # a README.txt in a clinic's folder
+            record.update(kind="unsupported_format", reason=unsupported_reason(Path(path)))
+            out.append(record)
+            continue
         try:
-            prepared = prepare_fundus(row["path"], params.size, params.max_pixels, params.mask_outside)
+            prepared = prepare_fundus(path, params.size, params.max_pixels, params.mask_outside)
             circle = prepared.circle
             record.update(
                 image=encode_image(prepared.image, params.image_format, params.jpeg_quality),
                 orig_width=prepared.original_size[0], orig_height=prepared.original_size[1],
                 fundus_cx=circle.cx, fundus_cy=circle.cy, fundus_r=circle.r, kind=None, reason=None,
             )
-        except ImageRejected as exc:
-            record.update(kind=exc.kind, reason=str(exc))
+        except ImageRejected as exc:  # messages may quote the file name: printable
+            record.update(kind=exc.kind, reason=printable(str(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad image must not fail the batch
-            record.update(kind="error", reason=f"unexpected error while preparing: {type(exc).__name__}: {exc}")
+            record.update(kind="error",
+                          reason=printable(f"unexpected error while preparing: {type(exc).__name__}: {exc}"))
         out.append(record)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
@@ -60,7 +76,7 @@ def reject_row(image_id: str, path: str | None, kind: str, reason: str) -> dict:
     return {"image_id": image_id, "path": path, "kind": kind, "reason": reason}
 
 
-def build_manifest(*, source: str, images: str, label_files: list[dict], params: PrepareParams,
+def build_manifest(*, source: str, images: str, id_from: str, label_files: list[dict], params: PrepareParams,
                    inputs: int, prepared_rows: list[dict], rejects: list[dict], shards: list[dict],
                    duplicate_label_rows: int, started: float, content_hash: str,
                    inputs_fingerprint: str, timing: dict) -> dict:
@@ -76,6 +92,7 @@ def build_manifest(*, source: str, images: str, label_files: list[dict], params:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source,
         "images": images,
+        "id_from": id_from,
         "label_files": label_files,
         "params": dataclasses.asdict(params),
         "counts": {

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from drray.data.shards import (
     read_manifest,
     write_rejects,
 )
-from drray.data.sources import InputItem, collect_inputs
+from drray.data.sources import InputItem, collect_inputs, printable
 from drray.data.splits import random_partition, read_partition
 from drray.data.synthetic import write_dataset
 from drray.distributed.runtime import ensure_ray
@@ -56,16 +57,16 @@ class NothingPrepared(ValueError):
 
 
 def prepare_source(*, source: str, images: str | Path, labels: list[str | Path], out: str | Path,
-                   params: PrepareParams, partition: str | None = None,
+                   params: PrepareParams, id_from: str = "stem", partition: str | None = None,
                    test_fraction: float | None = None, seed: int = 0, batch_size: int = 16,
                    num_cpus: int | None = None, reuse_current: bool = False) -> dict:
     """Prepare one raw data set into ``out``; return its manifest.
 
     With ``reuse_current``, an existing output made from the same inputs (file names, sizes,
-    times, label contents) with the same parameters is kept as it is. ``out`` must lie outside
-    the inputs and be new, empty or a prepared set drray wrote: checked before any work.
+    times, label contents, id rule) with the same parameters is kept as it is. ``out`` must lie
+    outside the inputs and be new, empty or a prepared set drray wrote: checked before any work.
     """
-    report = collect_inputs(source, images, labels)
+    report = collect_inputs(source, images, labels, id_from)
     check_output(out, images, report.label_files)
     split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
                   "test_fraction": test_fraction, "seed": seed}
@@ -78,7 +79,7 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
     items = _with_splits(report.items, partition, test_fraction, seed)
     return prepare_dataset(
         items, out, params, source=source, images=str(images), label_files=report.label_files,
-        duplicate_label_rows=report.duplicate_label_rows, inputs_fingerprint=fingerprint,
+        id_from=id_from, duplicate_label_rows=report.duplicate_label_rows, inputs_fingerprint=fingerprint,
         batch_size=batch_size, num_cpus=num_cpus, progress=Progress(f"prepare {source} -> {out}"),
     )
 
@@ -101,15 +102,19 @@ def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) 
 
 def _with_splits(items: list[InputItem], partition: str | None, test_fraction: float | None,
                  seed: int) -> list[InputItem]:
-    """Override the source's own splits with a partition file or a seeded random partition."""
+    """Override the source's own splits with a partition file or a seeded random partition.
+
+    The random partition is drawn over the inputs that can be prepared, so that a stray file or
+    label row (a reject) added to the data set does not move images between train and test.
+    """
     if partition and test_fraction is not None:
         raise ValueError("give either a partition file or a test fraction, not both")
     if partition:
         mapping = read_partition(partition)
         return [dataclasses.replace(i, split=mapping.get(i.image_id, "unassigned")) for i in items]
     if test_fraction is not None:
-        mapping = random_partition([i.image_id for i in items], test_fraction, seed)
-        return [dataclasses.replace(i, split=mapping[i.image_id]) for i in items]
+        mapping = random_partition([i.image_id for i in items if not i.reject], test_fraction, seed)
+        return [dataclasses.replace(i, split=mapping.get(i.image_id, i.split)) for i in items]
     return items
 
 
@@ -131,7 +136,7 @@ def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
         write_dataset(images, ds.synthetic)
     manifest = prepare_source(
         source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),
-        partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
+        id_from=ds.id_from, partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
         batch_size=cfg.data.prepare_batch, num_cpus=cfg.run.num_cpus, reuse_current=True,
     )
     if not manifest["counts"]["prepared"]:
@@ -145,8 +150,8 @@ def _prepare_batch(batch: pa.Table, params: PrepareParams) -> pa.Table:
 
 
 def prepare_dataset(items: list[InputItem], out: str | Path, params: PrepareParams, *,
-                    source: str, images: str, label_files: list[Path], duplicate_label_rows: int = 0,
-                    inputs_fingerprint: str = "",
+                    source: str, images: str, label_files: list[Path], id_from: str = "stem",
+                    duplicate_label_rows: int = 0, inputs_fingerprint: str = "",
                     batch_size: int = 16, rows_per_shard: int = 500, num_cpus: int | None = None,
                     progress: ProgressFn | None = None) -> dict:
     """Prepare every input item into ``out``; return the manifest.
@@ -157,9 +162,12 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
     started = time.time()
     out = Path(out)
     clean_stale_temporaries(out)
-    rejects = [reject_row(i.image_id, i.path, i.reject_kind, i.reject) for i in items if i.reject]
+    rejects = [reject_row(i.image_id, printable(i.path) if i.path else None, i.reject_kind, i.reject)
+               for i in items if i.reject]
+    # paths travel as bytes: a file name that is not UTF-8 is no Arrow string (prepare_rows)
     todo = [
-        {"image_id": i.image_id, "path": i.path, "grade": i.grade, "source": i.source, "split": i.split}
+        {"image_id": i.image_id, "path": os.fsencode(i.path), "grade": i.grade, "source": i.source,
+         "split": i.split}
         for i in items if not i.reject
     ]
     prepared_rows: list[dict] = []
@@ -185,7 +193,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
         rejects.sort(key=lambda r: (r["image_id"], r["path"] or ""))
         write_rejects(tmp / "rejects.parquet", rejects)
         manifest = build_manifest(
-            source=source, images=str(images),
+            source=source, images=printable(str(images)), id_from=id_from,
             label_files=[{"path": str(p), "sha256": sha256_file(p)} for p in label_files],
             params=params, inputs=len(items), prepared_rows=prepared_rows, rejects=rejects,
             shards=shards, duplicate_label_rows=duplicate_label_rows, started=started,

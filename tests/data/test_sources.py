@@ -1,8 +1,13 @@
 """Label readers and the join of image files with label rows."""
 
+import os
+
+import pyarrow as pa
 import pytest
 
+from drray.data.prepare import PrepareParams, prepare_rows
 from drray.data.sources import SourceError, collect_inputs, parse_grade
+from tests.data.test_fundus import frame
 
 
 def touch(path, data=b"x"):
@@ -95,7 +100,7 @@ def test_missing_columns_and_files_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("text, grade, reason", [
     ("0", 0, None), ("4", 4, None), ("2.0", 2, None), ("5", None, "outside 0-4"),
-    ("-1", None, "outside 0-4"), ("1.5", None, "outside 0-4"), ("", None, "empty"), ("x", None, "not a number"),
+    ("-1", None, "outside 0-4"), ("1.5", None, "outside 0-4"), ("", None, None), ("x", None, "not a number"),
 ])
 def test_parse_grade(text, grade, reason):
     parsed, why = parse_grade(text)
@@ -110,3 +115,103 @@ def test_fingerprint_changes_with_inputs(tmp_path):
     assert collect_inputs("folder", tmp_path, ["l.csv"]).fingerprint == first
     touch(tmp_path / "b.jpeg")
     assert collect_inputs("folder", tmp_path, ["l.csv"]).fingerprint != first
+
+
+def os_path(folder, name: bytes):
+    """A path whose file name is these bytes, as Python holds it (os.fsdecode)."""
+    return folder / os.fsdecode(name)
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared_and_matched(tmp_path):
+    """Bytes caf\xe9.jpg (latin-1) on Linux: the id is read as a latin-1 label CSV is, the
+    image is prepared, and every string that reaches Parquet is valid UTF-8."""
+    frame().save(os_path(tmp_path, b"caf\xe9.jpg"), format="JPEG")
+    touch(os_path(tmp_path, b"caf\xe9.txt"))
+    (tmp_path / "labels.csv").write_bytes("image_id,grade\ncafé.jpg,2\n".encode("latin-1"))
+    report = collect_inputs("folder", tmp_path, ["labels.csv"])
+    image, text = sorted(report.items, key=lambda i: i.path)
+    assert (image.image_id, image.grade, image.reject) == ("café", 2, None)
+    assert text.reject_kind == "unsupported_format" and ".txt files are not images" in text.reject
+    table = prepare_rows([vars(image)], PrepareParams(size=32))
+    row = table.to_pylist()[0]
+    assert row["kind"] is None and row["image"]
+    assert row["path"] == str(tmp_path / "caf\\xe9.jpg")  # printable: the byte as \xe9
+    # the way it travels through Ray Data: the path as bytes
+    moved = {**vars(image), "path": os.fsencode(image.path)}
+    assert prepare_rows([moved], PrepareParams(size=32)).to_pylist()[0]["kind"] is None
+    pa.table({"path": [row["path"]], "image_id": [image.image_id]})  # encodes: valid UTF-8
+
+
+def test_a_latin1_label_csv_is_read_and_matched(tmp_path):
+    touch(tmp_path / "zoë.jpg")
+    touch(tmp_path / "rene\u0301.png")  # decomposed, as macOS writes names
+    (tmp_path / "labels.csv").write_bytes("image_id,grade\nzoë.jpg,1\nrené,3\n".encode("latin-1"))
+    items = by_id(collect_inputs("folder", tmp_path, ["labels.csv"]))
+    assert {k: (v.grade, v.reject) for k, v in items.items()} == {"zoë": (1, None), "rené": (3, None)}
+
+
+def test_every_file_is_an_input_and_unsupported_ones_are_rejects(tmp_path):
+    frame().save(tmp_path / "eye.webp")
+    touch(tmp_path / "sub" / "README.txt")
+    touch(tmp_path / "Thumbs.db")
+    touch(tmp_path / "notes")  # no extension
+    touch(tmp_path / "other.csv")  # a CSV that was not given as labels is a file like any other
+    touch(tmp_path / ".DS_Store")  # hidden files and folders are not inputs
+    touch(tmp_path / ".git" / "config")
+    (tmp_path / "labels.csv").write_text("image_id,grade\neye.webp,2\nREADME,1\n")
+    items = collect_inputs("folder", tmp_path, ["labels.csv"]).items
+    kinds = {os.path.basename(i.path or "-"): (i.image_id, i.reject_kind) for i in items}
+    assert kinds == {
+        "eye.webp": ("eye", None), "README.txt": ("README", "unsupported_format"),
+        "Thumbs.db": ("Thumbs", "unsupported_format"), "notes": ("notes", "unsupported_format"),
+        "other.csv": ("other", "unsupported_format"),
+        "-": ("README", "image_missing"),  # the label row: a .txt file is no image for it
+    }
+    reasons = {os.path.basename(i.path): i.reject for i in items if i.path}
+    assert "unsupported format: .db files are not images drray reads" in reasons["Thumbs.db"]
+    assert ".webp" in reasons["Thumbs.db"] and "without an extension" in reasons["notes"]
+    webp = next(i for i in items if i.image_id == "eye")
+    assert webp.grade == 2
+    assert prepare_rows([vars(webp)], PrepareParams(size=32)).to_pylist()[0]["kind"] is None  # read
+
+
+def test_id_from_path_tells_apart_files_of_different_folders(tmp_path):
+    touch(tmp_path / "patientA" / "left.jpg")
+    touch(tmp_path / "patientB" / "left.jpg")
+    touch(tmp_path / "patientB" / "right.png")
+    (tmp_path / "labels.csv").write_text(
+        "image_id,grade\npatientA/left.jpg,1\npatientB/left,3\npatientB\\right.png,0\n")
+    report = collect_inputs("folder", tmp_path, ["labels.csv"], id_from="path")
+    items = by_id(report)
+    assert {k: (v.grade, v.reject) for k, v in items.items()} == {
+        "patientA/left": (1, None), "patientB/left": (3, None), "patientB/right": (0, None)}
+    stem = collect_inputs("folder", tmp_path, [], id_from="stem")
+    dup = [i for i in stem.items if i.reject_kind == "duplicate_image"]
+    assert len(dup) == 1 and "--id-from path" in dup[0].reject
+    assert stem.fingerprint != collect_inputs("folder", tmp_path, [], id_from="path").fingerprint
+    with pytest.raises(SourceError, match="unknown id_from 'name': choose one of stem, path"):
+        collect_inputs("folder", tmp_path, [], id_from="name")
+
+
+def test_csv_splits_are_normalised_and_unknown_ones_rejected(tmp_path):
+    names = ["a", "b", "c", "d", "e", "f"]
+    for name in names:
+        touch(tmp_path / f"{name}.jpg")
+    (tmp_path / "labels.csv").write_text(
+        "image_id,grade,split\na,0,Test\nb,1, TEST \nc,2,valid\nd,3,Validation\ne,4,\nf,0,holdout\n")
+    items = by_id(collect_inputs("folder", tmp_path, ["labels.csv"]))
+    assert {k: items[k].split for k in "abcde"} == {"a": "test", "b": "test", "c": "val", "d": "val", "e": "train"}
+    assert items["f"].reject_kind == "bad_split"
+    assert "split 'holdout' is not one of train, val, test" in items["f"].reject
+    assert "labels.csv:7" in items["f"].reject
+
+
+def test_an_empty_grade_is_unlabeled(tmp_path):
+    for name in ["a", "b", "c"]:
+        touch(tmp_path / f"{name}.jpg")
+    (tmp_path / "labels.csv").write_text("image_id,grade,split\na,,test\nb, \nc,\nc,2\n")
+    items = by_id(collect_inputs("folder", tmp_path, ["labels.csv"]))
+    assert {k: (v.grade, v.split, v.reject) for k, v in items.items()} == {
+        "a": (None, "test", None), "b": (None, "train", None),
+        "c": (2, "train", None),  # an empty grade says nothing: the other row labels it
+    }
