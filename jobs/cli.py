@@ -6,13 +6,14 @@ import difflib
 import importlib
 import json
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 import drray
-from drray.config import ConfigError, SyntheticConfig, load_config
-from drray.progress import configure_logging
+from drray.config import ConfigError, IdFrom, SyntheticConfig, load_config, run_dir
+from drray.progress import configure_logging, log_only, log_to_file
 from jobs.stages import STAGES
 
 # Jobs that `drray run JOB --config CFG` knows besides the stages (jobs.stages.STAGES): the
@@ -117,12 +118,19 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
 @main.command()
 @click.option("--source", type=click.Choice(["eyepacs", "messidor2", "folder"]), required=True,
               help="Label format: eyepacs (trainLabels.csv / testLabels.csv: image,level[,Usage]), "
-                   "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split]).")
+                   "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split], split one of "
+                   "train/val/test, any case; valid and validation mean val).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder searched recursively for .jpeg/.jpg/.png/.tif images; ids are file stems.")
+              help="Folder searched recursively; every file in it is an input (hidden files and the "
+                   "--labels CSVs aside): .jpeg/.jpg/.png/.tif/.tiff/.bmp/.webp images are prepared, "
+                   "other files rejected as unsupported_format.")
+@click.option("--id-from", type=click.Choice(typing.get_args(IdFrom)), default="stem", show_default=True,
+              help="An image's id: its file stem (left), or its path under --images without the "
+                   "extension (patientA/left), for data sets that reuse file names across folders. "
+                   "Label rows name images the same way (patientA/left or patientA/left.jpg).")
 @click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path),
               help="Label CSV (repeatable); a relative path is also looked up inside --images. "
-                   "Images without a label row are kept as unlabeled.")
+                   "Images without a label row, or with an empty grade, are kept as unlabeled.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output: OUT/shards/*.parquet, OUT/rejects.parquet, OUT/manifest.json. Must lie "
                    "outside --images and be new, empty or a prepared set drray wrote (then replaced "
@@ -138,7 +146,8 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --test-fraction.")
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray instance.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input was rejected.")
-def prepare(source, images, labels, out, size, image_format, partition, test_fraction, seed, num_cpus, strict) -> None:
+def prepare(source, images, id_from, labels, out, size, image_format, partition, test_fraction, seed, num_cpus,
+            strict) -> None:
     """Prepare raw fundus photographs: find the fundus, centre, crop, resize, write Parquet shards.
 
     Runs as a Ray Data job (decoding at reduced scale in parallel). Every input is accounted
@@ -152,7 +161,7 @@ def prepare(source, images, labels, out, size, image_format, partition, test_fra
     params = PrepareParams(size=size, image_format=image_format)
     try:
         manifest = prepare_source(source=source, images=images, labels=list(labels), out=out, params=params,
-                                  partition=str(partition) if partition else None,
+                                  id_from=id_from, partition=str(partition) if partition else None,
                                   test_fraction=test_fraction, seed=seed, num_cpus=num_cpus)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -181,10 +190,11 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         cfg = checked_config(config_path, overrides, job)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    try:
-        result = job_function(job)(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with log_to_file(run_dir(cfg) / RUN_LOG) as log_file:
+        try:
+            result = job_function(job)(cfg)
+        except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the log
+            raise click.ClickException(failure_line(job, exc, log_file)) from exc
     if job == "prepare":
         from jobs.prepare import format_summary
 
@@ -200,6 +210,23 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         click.echo(f"report: {result['report']} (and report.html beside it); table: {result['run_dir']}/sweep.parquet")
     else:
         click.echo(json.dumps(result, indent=2, default=str))
+
+
+RUN_LOG = "drray.log"  # in the run directory: every run's log lines, banners and tracebacks
+
+
+def failure_line(job: str, exc: Exception, log_file: Path) -> str:
+    """What the console says when a job fails: the error a user can act on, in one line, out of
+    Ray's wrappers (a worker's error arrives inside two or three); the traceback to the log."""
+    log_only(f"{job} failed", exc_info=exc)
+    if "ray" in sys.modules:
+        from drray.distributed.runtime import root_cause
+
+        exc = root_cause(exc)
+    if isinstance(exc, (ValueError, FileNotFoundError)) and not type(exc).__name__.startswith("RayTaskError"):
+        return f"{exc}"  # drray's own messages say what to do
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{job} failed: {type(exc).__name__}: {text} (traceback in {log_file})"
 
 
 # Jobs that load no weights to train from: their settings checks skip weight files.
@@ -243,7 +270,7 @@ def config_command(config_path: Path | None, overrides: tuple[str, ...], default
 def claim_run_folders(cfg) -> None:
     """The run directory (and a separate stage cache) must be drray's: checked before any work."""
     from drray.artifacts import RESOLVED_CONFIG, claim_folder
-    from drray.config import run_dir, stages_dir
+    from drray.config import stages_dir
 
     # What a run directory held before drray marked its folders (any one of them is enough).
     legacy = (RESOLVED_CONFIG, "pipeline.json", "metrics.json", "models", "ray", "data.json", "sweep.json",
@@ -345,7 +372,8 @@ def jobs(last: int) -> None:
 @main.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
-@click.option("--stream", type=click.Choice(["both", "out", "err"]), default="both", show_default=True)
+@click.option("--stream", type=click.Choice(["both", "out", "err"]), default="both", show_default=True,
+              help="Which of the job's logs: its stdout (out), its stderr (err: drray's progress lines), or both.")
 def logs(job_id: str, follow: bool, stream: str) -> None:
     """Print the logs of JOB_ID (an array id prints every task's), from its first task (the
     head node, where the job runs)."""

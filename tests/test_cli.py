@@ -41,3 +41,57 @@ def test_submit_without_slurm_says_so_in_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "no SLURM client tools" in result.output and "--executor local" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_error_inside_a_ray_worker_is_one_line_and_its_traceback_is_in_the_run_log(
+        tmp_path, monkeypatch, ray_session):
+    """A job whose work fails inside Ray (here a real remote task; a training worker's error
+    arrives the same way, wrapped once more) prints the worker's own error in one line; the
+    traceback and Ray's start-up notices are in RUN/drray.log, not on the console."""
+    import logging
+
+    import jobs.cli
+
+    @ray_session.remote
+    def read_shard():
+        raise RuntimeError("shard 3 is truncated")
+
+    def job(cfg):
+        logging.getLogger("ray._private.authentication.authentication_token_setup").warning("a Ray banner")
+        return ray_session.get(read_shard.remote())
+
+    monkeypatch.setattr(jobs.cli, "job_function", lambda name: job)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "pretrain", "--config", str(REPO / "configs" / "ci.yaml"),
+                                       "--set", f"run.dir={run}"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"Error: pretrain failed: RuntimeError: shard 3 is truncated (traceback in {run / 'drray.log'})"]
+    log = (run / "drray.log").read_text()
+    assert "Traceback" in log and "shard 3 is truncated" in log and "a Ray banner" in log
+
+
+def test_root_cause_unwraps_training_workers_and_controllers():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from drray.distributed.runtime import root_cause
+
+    inner = FileNotFoundError("no model weights at /x/model.pt")
+    workers = WorkerGroupError("rank 0 and 1 failed", {1: RuntimeError("nccl"), 0: inner})
+    assert root_cause(workers) is inner and root_cause(ControllerError(workers)) is inner
+    assert root_cause(inner) is inner
+
+
+def test_every_command_and_option_explains_itself():
+    import click
+
+    def undocumented(command, path):
+        if not command.help:
+            yield " ".join(path)
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.help:
+                yield f"{' '.join(path)} {param.opts[0]}"
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from undocumented(sub, [*path, name])
+
+    assert list(undocumented(main, ["drray"])) == []

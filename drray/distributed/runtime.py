@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from drray.progress import keep_off_console
+
 log = logging.getLogger(__name__)
 
 # Ray Train's fixed cost per fit is 15-19 s with its defaults and 10-12 s with these
@@ -38,8 +40,35 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     log.info("starting Ray (%s)", address or "local")
+    for name in RAY_NOTICES:
+        keep_off_console(name)
     ray.init(address=address, **kwargs)
     _quiet_ray_data()
+
+
+# Ray's loggers whose notices are about Ray, not the work (token authentication enabled by
+# default, Ray Data's progress bars off because drray prints its own): kept in RUN/drray.log.
+RAY_NOTICES = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a user can act on, out of Ray's wrappers: a failed training worker's own
+    error (the lowest rank's), a controller's, a remote task's or a Ray Data map's."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    for _ in range(8):  # wrappers nest a few deep at most
+        if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+            exc = exc.worker_failures[min(exc.worker_failures)]
+        elif isinstance(exc, ControllerError):
+            exc = exc.controller_failure
+        elif isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+            exc = exc.cause
+        elif type(exc).__name__ == "UserCodeException" and exc.__cause__ is not None:  # Ray Data
+            exc = exc.__cause__
+        else:
+            break
+    return exc
 
 
 def _quiet_ray_data() -> None:
