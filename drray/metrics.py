@@ -29,7 +29,8 @@ def cross_validated_auc(features: np.ndarray, targets: np.ndarray, folds: int = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Screening metrics: AUC with a bootstrap interval, operating points, DeLong's test
+# Screening metrics: AUC with a bootstrap interval, operating points with Wilson intervals,
+# DeLong's test
 # ---------------------------------------------------------------------------------------------
 
 
@@ -76,11 +77,31 @@ def threshold_at_sensitivity(targets: np.ndarray, scores: np.ndarray, sensitivit
     return float(positives[max(k, 1) - 1])
 
 
-def sensitivity_specificity(targets: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+def confusion_counts(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    """tp, fn, tn, fp when a score >= ``threshold`` counts as referable."""
     targets, flagged = np.asarray(targets) == 1, np.asarray(scores) >= threshold
-    sensitivity = (flagged & targets).sum() / max(targets.sum(), 1)
-    specificity = (~flagged & ~targets).sum() / max((~targets).sum(), 1)
-    return float(sensitivity), float(specificity)
+    return {"tp": int((flagged & targets).sum()), "fn": int((~flagged & targets).sum()),
+            "tn": int((~flagged & ~targets).sum()), "fp": int((flagged & ~targets).sum())}
+
+
+def sensitivity_specificity(targets: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    c = confusion_counts(targets, scores, threshold)
+    return c["tp"] / max(c["tp"] + c["fn"], 1), c["tn"] / max(c["tn"] + c["fp"], 1)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion (Newcombe 1998, method 3): unlike the Wald
+    interval it stays inside [0, 1] and keeps its coverage at 0/n, n/n and the small counts of
+    a test set's positives. (0, 1) when ``n`` is 0: nothing is known."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return 0.0, 1.0
+    z = float(norm.ppf((1 + level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def delong_test(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:

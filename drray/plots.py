@@ -48,21 +48,41 @@ def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray]], title: str, pa
     return _save(fig, path)
 
 
-def training_figure(stages: dict[str, list[dict]], path: str | Path) -> Path:
-    """Loss (and validation AUC where there is one) per epoch of each training stage."""
+def training_figure(stages: dict[str, list[dict]], path: str | Path, published: dict[str, int] | None = None) -> Path:
+    """Loss (and validation AUC where there is one) per epoch of each training stage.
+    ``published``: stage -> the epoch (0-based, as logged) whose model the stage handed on,
+    marked with a ring and a dotted vertical line in the stage's colour: a curve that goes on
+    improving after its marker is not what was evaluated."""
     plt = _pyplot()
+    published = published or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (stage, records) in enumerate(stages.items()):
         epochs = [r["epoch"] + 1 for r in records]
-        style = {"marker": ".", "label": stage, "color": f"C{i}"}  # a stage keeps its colour in both panels
-        axes[0].plot(epochs, [r["loss"] for r in records], **style)
+        colour = f"C{i}"  # a stage keeps its colour in both panels
+        curves = [(axes[0], [r["loss"] for r in records])]
         if any(r.get("val_auc") is not None for r in records):
-            axes[1].plot(epochs, [r.get("val_auc") for r in records], **style)
+            curves.append((axes[1], [r.get("val_auc") for r in records]))
+        mark = published.get(stage)
+        for ax, values in curves:
+            ax.plot(epochs, values, marker=".", label=stage, color=colour)
+            if mark is not None and mark + 1 in epochs:
+                _mark_epoch(ax, mark + 1, values[epochs.index(mark + 1)], colour)
     axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     axes[1].set(xlabel="epoch", ylabel="validation AUC", title="validation AUC")
     for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs: no 1.5
+    if published:  # one legend entry explains every ring
+        axes[0].plot([], [], "o", markerfacecolor="none", markeredgecolor="black", label="published epoch")
+    for ax in axes:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _mark_epoch(ax, epoch: int, value: float | None, colour: str) -> None:
+    ax.axvline(epoch, color=colour, linestyle=":", linewidth=1, gid="published")
+    if value is not None:
+        ax.plot([epoch], [value], "o", markersize=11, markerfacecolor="none", markeredgecolor=colour,
+                markeredgewidth=1.5, gid="published")
 
 
 def sweep_figure(panels: dict[str, dict[str, list[tuple[float, float, float, list[float]]]]], path: str | Path) -> Path:

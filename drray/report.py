@@ -1,7 +1,11 @@
 """Report rendering (``drray report RUN``): RUN/report.md and a self-contained RUN/report.html (plots inlined)
 from what the stages wrote: RUN/pipeline.json, RUN/metrics.json, RUN/models/*/meta.json, the
-stages' metrics.jsonl, RUN/data.json and RUN/config.resolved.yaml. Rebuilding it never reruns
-anything.
+stages' metrics.jsonl, RUN/data.json (and the prepared sets' manifests) and
+RUN/config.resolved.yaml. Rebuilding it never reruns anything.
+
+It is written not to mislead: it says when the data are synthetic, keeps the paper's numbers in
+a table of their own, judges every claim with DeLong's test rather than the point estimates,
+gives every proportion its counts and interval, and marks the epoch whose model was evaluated.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from drray.artifacts import StageDir, atomic_write_text
+from drray.artifacts import RESOLVED_CONFIG, StageDir, atomic_write_text, read_mark
 from drray.config import Config, run_dir
 
 # The paper's Table 1 (2% = 1,000 EyePACS labels; supervised_100: all of them): (method, architecture, EyePACS test, Messidor-2)
@@ -28,7 +33,16 @@ PAPER = {
     "teacher": ("SimCLR-Finetuned (Teacher)", "ResNet50", 0.92, 0.85),
     "student": ("SimCLR-Distilled (Student)", "DenseNet161", 0.94, 0.89),
 }
+PAPER_TITLE = "Paper (real EyePACS/Messidor-2, 299 px), for reference, not reproduced by this run"
 TEST_SETS = {"eyepacs_test": "EyePACS-style test", "external": "Messidor-2-style external"}
+ALPHA = 0.05  # DeLong p below which a difference between two AUCs counts as shown
+# The paper's ordering, student >= teacher > supervised, as the pairwise claims it is made of.
+ORDERING = (("student", ">=", "teacher"), ("teacher", ">", "supervised"))
+# What the mark of a folder `drray synth` wrote says (drray.data.synthetic.write_dataset).
+SYNTHETIC_MARK = "synthetic-data folder"
+# Steps a config can leave out: the key that turns each on. Their runner records "skipped" for
+# a step with nothing to do, which must not read as "found done".
+CONFIGURED_BY = {"baselines": ("pipeline.baselines", "set pipeline.baselines, e.g. [fixmatch, mixmatch]")}
 
 
 def build(run: str | Path) -> dict:
@@ -40,13 +54,15 @@ def build(run: str | Path) -> dict:
                                 "(or `drray run evaluate`, or `drray run sweep`) first")
     blocks: list[tuple] = [("h1", f"drray report: {run.resolve().name}"),
                            ("p", f"Run directory `{run.resolve()}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")]
+    sets = data_sets(run)
+    blocks += synthetic_notice(sets)
     if pipeline:
         if (run / "table1.parquet").is_file():
             blocks += [("h2", "Table 1 (drray run table1)")] + table1_blocks(pq.read_table(run / "table1.parquet").to_pylist())
-        blocks += _blocks(run)
+        blocks += _blocks(run, sets)
     if sweep:
         blocks += sweep_blocks(run)
-    config = run / "config.resolved.yaml"
+    config = run / RESOLVED_CONFIG
     if config.is_file():
         blocks += [("h2", "Resolved config"), ("pre", config.read_text())]
     atomic_write_text(run / "report.md", markdown(blocks))
@@ -54,19 +70,80 @@ def build(run: str | Path) -> dict:
     return {"stage": "report", "path": str(run / "report.md"), "html": str(run / "report.html")}
 
 
+# --- where the data came from ---------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_config(run: Path) -> dict:
+    """RUN/config.resolved.yaml as plain data ({} without one): read, not validated, so that a
+    report of a run made by an older drray still builds."""
+    path = run / RESOLVED_CONFIG
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def data_sets(run: Path) -> dict[str, dict]:
+    """Per data set of the run: its source format, whether its images are synthetic, its
+    prepared image size and its images folder, from its manifest and the resolved config."""
+    data = run_config(run).get("data") or {}
+    summary = _read_json(run / "data.json")
+    out = {}
+    for name in list(summary) or [n for n in ("eyepacs", "external") if data.get(n)]:
+        ds = data.get(name) or {}
+        prepared = summary.get(name, {}).get("prepared_dir") or ds.get("prepared")
+        manifest = _read_json(Path(prepared) / "manifest.json") if prepared else {}
+        images = manifest.get("images") or ds.get("images")
+        source = [s for s in (manifest.get("source"), ds.get("source")) if s and s != "synthetic"]
+        out[name] = {"source": source[0] if source else "?",  # the layout: eyepacs, messidor2, folder
+                     "synthetic": _synthetic(manifest, images, ds), "images": images,
+                     "size": manifest.get("params", {}).get("size") or data.get("size")}
+    return out
+
+
+def _synthetic(manifest: dict, images: str | None, ds: dict) -> bool:
+    """Synthetic: its manifest says so, or its images folder carries the mark `drray synth`
+    leaves. A folder not at hand (the report built elsewhere) is judged by the config: a
+    data.<name>.synthetic section generates the images wherever the folder is missing."""
+    if manifest.get("source") == "synthetic":
+        return True
+    if images and Path(images).is_dir():
+        return (read_mark(images) or {}).get("what") == SYNTHETIC_MARK
+    return bool(ds.get("synthetic"))
+
+
+def synthetic_notice(sets: dict[str, dict]) -> list[tuple]:
+    synthetic = [f"{name} at {s['size']} px" for name, s in sets.items() if s["synthetic"]]
+    if not synthetic:
+        return []
+    which = "Every data set of this run is synthetic" if len(synthetic) == len(sets) else "Synthetic data sets"
+    return [("note", "Synthetic data.",
+             f"{which} ({'; '.join(synthetic)}): drray's generated fundus images (`drray synth`), not "
+             "photographs of patients' eyes. The numbers show that the pipeline runs and learns; they say "
+             "nothing about screening real eyes and are not comparable with the paper's (real EyePACS and "
+             "Messidor-2 at 299 px).")]
+
+
+def _scale(sets: dict[str, dict]) -> str:
+    return "; ".join(f"{name}: {'synthetic' if s['synthetic'] else s['source']} images at {s['size']} px"
+                     for name, s in sets.items()) or "data sets not recorded"
+
+
 # --- content ---------------------------------------------------------------------------------
 
 
-def _blocks(run: Path) -> list[tuple]:
+def _blocks(run: Path, sets: dict[str, dict]) -> list[tuple]:
     metrics = json.loads((run / "metrics.json").read_text())
     stages = stage_entries(run)
     models = _models(run)
-    blocks = _results(metrics, models)
+    blocks = _results(run, metrics, models, stages, sets)
+    blocks += paper_blocks()
     blocks += _ordering(metrics)
-    blocks += _operating_points(metrics)
-    blocks += _figures(run, stages)
-    blocks += _stage_table(stages)
-    blocks += _data(run, stages)
+    blocks += _operating_points(metrics, stages)
+    blocks += _figures(run, stages, metrics, models)
+    blocks += _stage_table(stages, run_config(run))
+    blocks += _data(run, stages, sets)
     return blocks
 
 
@@ -76,78 +153,150 @@ def _models(run: Path) -> dict[str, dict]:
 
 def labels_text(run: Path, stages: dict[str, dict], stage: str = "teacher") -> str:
     """The labeled subset a stage trained on, as a share of the train split and a count."""
-    subset = StageDir(Path(stages.get(stage, {}).get("dir") or "/nonexistent")).subset_file
+    return _labels_in(run, stages.get(stage, {}).get("dir"))
+
+
+def _labels_in(run: Path, stage_dir: str | Path | None) -> str:
+    subset = StageDir(Path(stage_dir or "/nonexistent")).subset_file
     count = len(json.loads(subset.read_text())["labeled"]) if subset.is_file() else None
-    data = json.loads((run / "data.json").read_text()) if (run / "data.json").is_file() else {}
-    train = data.get("eyepacs", {}).get("by_split", {}).get("train")
+    train = _read_json(run / "data.json").get("eyepacs", {}).get("by_split", {}).get("train")
     if count is None:
         return "?"
     return f"{100 * count / train:.1f}% ({count})" if train else str(count)
 
 
-def _results(metrics: dict, models: dict) -> list[tuple]:
+def _trained_in(name: str, models: dict, stages: dict[str, dict]) -> str | None:
+    """The stage directory a published model came from (its meta.json names the folder)."""
+    source = models.get(name, {}).get("source")
+    return str(Path(source).parent) if source else stages.get(name, {}).get("dir")
+
+
+def model_labels(run: Path, name: str, models: dict, stages: dict[str, dict]) -> str:
+    """The labels a model was trained with, and what else it learnt from."""
+    text = _labels_in(run, _trained_in(name, models, stages))
+    pool = stages.get("pseudolabel", {}).get("images")
+    if name == "student":
+        text += f" + the teacher's pseudo-labels on {pool or 'the'} pool images"
+    elif name in ("fixmatch", "mixmatch"):
+        text += " + the unlabeled pool"
+    return text
+
+
+def _results(run: Path, metrics: dict, models: dict, stages: dict[str, dict], sets: dict[str, dict]) -> list[tuple]:
     by = {(r["model"], r["test_set"]): r for r in metrics["results"]}
-    sets = [s for s in TEST_SETS if any(k[1] == s for k in by)]
-    names = list(dict.fromkeys(r["model"] for r in metrics["results"]))
+    tests = [s for s in TEST_SETS if any(k[1] == s for k in by)]
     rows = []
-    for name in names:
-        arch = models.get(name, {}).get("spec", {}).get("backbone", "?")
-        cells = [name, arch]
-        for s in sets:
+    for name in dict.fromkeys(r["model"] for r in metrics["results"]):
+        cells = [name, models.get(name, {}).get("spec", {}).get("backbone", "?"), model_labels(run, name, models, stages)]
+        for s in tests:
             r = by.get((name, s))
-            cells.append(f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] (n={r['n']})" if r else "")
-        paper = PAPER.get(name)
-        cells.append(f"{paper[2]:.2f} / {paper[3]:.2f} ({paper[1]})" if paper else "")
+            cells.append(f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] "
+                         f"(n={r['n']}, {r.get('positives', '?')} referable)" if r else "")
         rows.append(cells)
-    header = ["model", "architecture"] + [f"{TEST_SETS[s]} AUC [95% CI]" for s in sets] + ["paper (EyePACS / Messidor-2)"]
+    header = ["model", "architecture", "labels used"] + [f"{TEST_SETS[s]}: AUC [95% CI] (images, referable)" for s in tests]
     return [("h2", "Results (Table 1 layout)"),
             ("p", "AUC of referable DR on each test set with a percentile bootstrap 95% interval "
-                  f"({metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}). "
-                  "The paper's numbers are at 299 px with the paper's backbones and 1,000 real labels; "
-                  "these are at the scale of this run's config."),
+                  f"({metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}), and the "
+                  "test set's images and referable (positive) images. Labels used: the labeled train images the "
+                  f"model's stage trained on, as a share of the train split. This run: {_scale(sets)}. "
+                  "The paper's numbers are in the next table, not here: other data, image size and backbones."),
             ("table", header, rows)]
+
+
+def paper_blocks() -> list[tuple]:
+    rows = [[method, arch, "100%" if name == "supervised_100" else "2% (1,000)", f"{eyepacs:.2f}", f"{messidor:.2f}"]
+            for name, (method, arch, eyepacs, messidor) in PAPER.items()]
+    return [("h2", PAPER_TITLE),
+            ("p", "The AUCs the paper reports on the real EyePACS test set and on Messidor-2, at 299 px with its "
+                  "own backbones and 2% (1,000) of the EyePACS labels. This run did not compute them: they are the "
+                  "target a run on the real data sets at the paper's scale (configs/paper.yaml) is compared with."),
+            ("table", ["method", "architecture", "EyePACS labels", "EyePACS test AUC", "Messidor-2 AUC"], rows)]
+
+
+def verdict(difference: float, p: float) -> str:
+    """A claim "A above B" judged by DeLong's test of the two AUCs, not by the point estimates."""
+    if p >= ALPHA:
+        return "not distinguishable"
+    return "holds" if difference > 0 else "does not hold"
+
+
+def combined(verdicts: list[str]) -> str:
+    """Several claims at once: any that fails fails them all; all must hold for them to hold."""
+    if "does not hold" in verdicts:
+        return "does not hold"
+    return "holds" if all(v == "holds" for v in verdicts) else "not distinguishable"
+
+
+RULE = (f"Each claim is judged by DeLong's test of the two AUCs on the same images, never by the point "
+        f"estimates alone: it holds when the first model's AUC is the higher and p < {ALPHA}; it is not "
+        f"distinguishable when p >= {ALPHA} (these images cannot tell the two models apart, whichever AUC is "
+        f"higher); it does not hold when the second model's AUC is the higher and p < {ALPHA}. The ordering holds "
+        "on a test set only when both of its claims hold.")
 
 
 def _ordering(metrics: dict) -> list[tuple]:
     """Does the paper's ordering (student >= teacher > supervised) hold here, and how sure is it?"""
     by = {(r["model"], r["test_set"]): r for r in metrics["results"]}
     delong = {(d["test_set"], frozenset((d["model_a"], d["model_b"]))): d for d in metrics["delong"]}
-    lines = []
+    rows, lines = [], []
     for s, label in TEST_SETS.items():
-        if not all((m, s) in by for m in ("student", "teacher", "supervised")):
+        if not all((m, s) in by and (s, frozenset((m, n))) in delong for m, _, n in ORDERING):
             continue
-        auc = {m: by[(m, s)]["auc"] for m in ("student", "teacher", "supervised")}
-        p_st = delong[(s, frozenset(("student", "teacher")))]["p"]
-        p_ts = delong[(s, frozenset(("teacher", "supervised")))]["p"]
-        holds = auc["student"] >= auc["teacher"] > auc["supervised"]
-        lines.append(f"{label}: student {auc['student']:.3f}, teacher {auc['teacher']:.3f}, supervised "
-                     f"{auc['supervised']:.3f}: the ordering {'holds' if holds else 'does NOT hold'} on the point "
-                     f"estimates (DeLong p student vs teacher {p_st:.3g}, teacher vs supervised {p_ts:.3g}).")
+        verdicts = []
+        for a, claim, b in ORDERING:
+            difference, p = by[(a, s)]["auc"] - by[(b, s)]["auc"], delong[(s, frozenset((a, b)))]["p"]
+            verdicts.append(verdict(difference, p))
+            rows.append([label, f"{a} {claim} {b}", _auc(by[(a, s)]), _auc(by[(b, s)]), f"{difference:+.3f}",
+                         f"{p:.3g}", verdicts[-1]])
+        overall = combined(verdicts)
+        lines.append(f"{label}: the ordering {'is ' if overall == 'not distinguishable' else ''}{overall} ("
+                     + "; ".join(f"{a} {claim} {b}: {v}" for (a, claim, b), v in zip(ORDERING, verdicts, strict=True))
+                     + ").")
     if not lines:
         return []
-    rows = [[d["test_set"], d["model_a"], d["model_b"], f"{d['auc_a'] - d['auc_b']:+.3f}", f"{d['z']:.2f}",
-             f"{d['p']:.3g}"] for d in metrics["delong"] if d["test_set"] != "validation"]
-    return [("h2", "The paper's ordering: student >= teacher > supervised"), *[("p", line) for line in lines],
-            ("p", "DeLong's test for two correlated AUCs on the same images (two-sided):"),
-            ("table", ["test set", "model A", "model B", "AUC A - B", "z", "p"], rows)]
+    delong_rows = [[d["test_set"], d["model_a"], d["model_b"], f"{d['auc_a'] - d['auc_b']:+.3f}", f"{d['z']:.2f}",
+                    f"{d['p']:.3g}"] for d in metrics["delong"] if d["test_set"] != "validation"]
+    return [("h2", "The paper's ordering: student >= teacher > supervised"), ("p", RULE),
+            ("table", ["test set", "claim", "AUC A [95% CI]", "AUC B [95% CI]", "A - B", "DeLong p", "verdict"], rows),
+            *[("p", line) for line in lines],
+            ("p", "DeLong's test for two correlated AUCs on the same images (two-sided), every pair:"),
+            ("table", ["test set", "model A", "model B", "AUC A - B", "z", "p"], delong_rows)]
 
 
-def _operating_points(metrics: dict) -> list[tuple]:
+def _auc(r: dict) -> str:
+    return f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]"
+
+
+def _operating_points(metrics: dict, stages: dict[str, dict]) -> list[tuple]:
     rows = []
     for r in metrics["results"]:
         if r["test_set"] == "validation":
             continue
         for op in r["operating_points"]:
             rows.append([r["model"], r["test_set"], f"{op['target_sensitivity']:.0%}", f"{op['threshold']:.3f}",
-                         f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}"])
-    return [("h2", "Operating points"),
-            ("p", "Thresholds chosen on the validation hold-out to reach the target sensitivity, then applied "
-                  "unchanged to the test sets."),
-            ("table", ["model", "test set", "target sensitivity (validation)", "threshold", "sensitivity",
-                       "specificity"], rows)]
+                         _proportion(op, "sensitivity", "tp", "fn"), _proportion(op, "specificity", "tn", "fp")])
+    blocks = [("h2", "Operating points"),
+              ("p", "Thresholds chosen on the validation hold-out to reach the target sensitivity, then applied "
+                    "unchanged to the test sets. Sensitivity: referable images flagged / referable images; "
+                    "specificity: non-referable images passed / non-referable images; each with its counts and a "
+                    "95% Wilson score interval (a test set's few referable images make the sensitivity's wide)."),
+              ("table", ["model", "test set", "target sensitivity (validation)", "threshold",
+                         "sensitivity (count) [95% CI]", "specificity (count) [95% CI]"], rows)]
+    if any("tp" not in op for r in metrics["results"] for op in r["operating_points"]):
+        where = stages.get("evaluate", {}).get("dir") or "RUN/evaluate-<key>"
+        blocks.append(("p", f"This evaluation ({where}) was made before drray recorded the counts: remove that "
+                            "folder and run `drray run evaluate` with the same config to add them."))
+    return blocks
 
 
-def _figures(run: Path, stages: dict[str, dict]) -> list[tuple]:
+def _proportion(op: dict, name: str, hit: str, miss: str) -> str:
+    if hit not in op:
+        return f"{op[name]:.3f} (counts not recorded)"
+    lo, hi = op[f"{name}_ci"]
+    return f"{op[name]:.3f} ({op[hit]}/{op[hit] + op[miss]}) [{lo:.3f}, {hi:.3f}]"
+
+
+def _figures(run: Path, stages: dict[str, dict], metrics: dict, models: dict) -> list[tuple]:
     from drray.plots import training_figure
 
     figures = run / "figures"
@@ -156,42 +305,115 @@ def _figures(run: Path, stages: dict[str, dict]) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Figures")]
     for png in sorted(evaluation.glob("*.png")) if evaluation.is_dir() else []:
         shutil.copyfile(png, figures / png.name)
-        blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " ")))
-    training = {}
+        blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " "), _evaluation_caption(png.stem, metrics)))
+    training, published = {}, {}
     for name, entry in stages.items():  # every stage that trained (it logged epochs)
-        epochs = [r for r in StageDir(Path(entry.get("dir") or "/nonexistent")).metrics() if "epoch" in r]
-        if epochs:
+        records = StageDir(Path(entry.get("dir") or "/nonexistent")).metrics()
+        if epochs := [r for r in records if "epoch" in r]:
             training[name] = epochs
+            if (handed := handed_on(Path(entry["dir"]), models, records)) is not None:
+                published[name] = handed
     if training:
-        training_figure(training, figures / "training.png")
-        blocks.append(("img", "figures/training.png", "training curves"))
+        training_figure(training, figures / "training.png", {n: epoch for n, (epoch, _) in published.items()})
+        marks = "; ".join(f"{n} epoch {epoch + 1} ({why})" for n, (epoch, why) in published.items())
+        blocks.append(("img", "figures/training.png", "training curves",
+                       "Training loss (left, log scale) and validation AUC (right) per epoch of every training stage. "
+                       "Rings and dotted lines mark the epoch whose model each stage handed on (what was published and "
+                       f"evaluated, or what the next stage started from): {marks or 'none recorded'}."))
     return blocks
 
 
+def handed_on(stage_dir: Path, models: dict, records: list[dict]) -> tuple[int, str] | None:
+    """The epoch (0-based) of the model a training stage handed on, and why that one.
+    RUN/models/<name>/meta.json names the folder it was published from: best/ (the best epoch by
+    validation AUC) or model/ (the last epoch: no validation, or a method that publishes its last
+    weights). A stage that publishes nothing hands its model/ (the last epoch) to the next stage."""
+    stopped = " after stopping early" if any(r.get("event") == "stopped_early" for r in records) else ""
+    for name, meta in models.items():
+        source = Path(meta.get("source") or "/nonexistent")
+        if source.parent == stage_dir and "epoch" in meta:
+            why = "best validation AUC" if source.name == StageDir(stage_dir).best.name else f"the last epoch{stopped}"
+            return meta["epoch"], f"{why}; published as RUN/models/{name}"
+    last = _read_json(StageDir(stage_dir).model / "meta.json")
+    return (last["epoch"], f"the last epoch{stopped}; handed to the next stage") if "epoch" in last else None
+
+
+def _evaluation_caption(stem: str, metrics: dict) -> str:
+    test_set = stem.removeprefix("roc_")
+    r = next((r for r in metrics["results"] if r["test_set"] == test_set), None)
+    if stem.startswith("roc_") and r is not None:
+        return (f"ROC curves on the {TEST_SETS.get(test_set, test_set)} set ({r['n']} images, "
+                f"{r.get('positives', '?')} referable), every model overlaid; the legend gives each AUC with its "
+                "95% bootstrap CI, the dotted diagonal is chance.")
+    if stem == "tsne":
+        return ("t-SNE of each model's penultimate-layer features on a sample of the external set (the EyePACS-style "
+                "test split without one): blue non-referable, red referable. A picture, not a measure: distances "
+                "in a t-SNE map are not to scale.")
+    return stem.replace("_", " ")
+
+
 def stage_entries(run: Path) -> dict[str, dict]:
-    """Per stage, its record from the latest pipeline invocation that ran it (its real cost)."""
+    """Per stage, its latest record in RUN/pipeline.json, with ``latest`` (from the last
+    invocation) and ``invocation`` (that invocation's status). A later "skipped" of the same
+    output keeps the record of the invocation that ran it: its real cost."""
     path = run / "pipeline.json"
     found: dict[str, dict] = {}
-    if path.is_file():
-        for invocation in json.loads(path.read_text())["invocations"]:
-            for entry in invocation["stages"]:
-                if entry["status"] == "ran" or entry["stage"] not in found:
-                    found[entry["stage"]] = entry
+    invocations = json.loads(path.read_text())["invocations"] if path.is_file() else []
+    for number, invocation in enumerate(invocations, start=1):
+        for entry in invocation["stages"]:
+            entry = {**entry, "latest": number == len(invocations), "invocation": invocation["status"]}
+            before = found.get(entry["stage"])
+            if not (before is not None and before["status"] == "ran" and entry["status"] == "skipped"
+                    and before.get("dir") == entry.get("dir")):
+                found[entry["stage"]] = entry
     return found
 
 
-def _stage_table(stages: dict[str, dict]) -> list[tuple]:
+def stage_status(name: str, entry: dict, config: dict) -> str:
+    """What the stage table says of a stage: its recorded status, made final where the record
+    cannot be (this report's own stage is still running while it writes), and a step with
+    nothing configured told apart from one found done."""
+    status = entry["status"]
+    if status == "running":
+        if name == "report" and entry["latest"]:
+            return "done (this report)"
+        if not entry["latest"] or entry["invocation"] != "running":
+            return "killed (its invocation ended without recording its end)"
+        return "unfinished (still running, or killed without a record)"
+    if status == "skipped" and name in CONFIGURED_BY:
+        key, how = CONFIGURED_BY[name]
+        if _lookup(config, key) in ((), [], None):
+            return f"not configured ({how})"
+    return "skipped (found done)" if status == "skipped" else status
+
+
+def _lookup(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+STATUS_LEGEND = ("Status: ran (computed by the invocation that reported it); skipped (found done: reused from an "
+                 "earlier invocation, it cost ~0 here); not configured (the config does not ask for it: the status "
+                 "names the key that turns it on); failed or interrupted (its invocation stopped there); killed (its "
+                 "invocation ended without recording the stage's end). This report's own row is done: the report is "
+                 "its stage's last act.")
+
+
+def _stage_table(stages: dict[str, dict], config: dict) -> list[tuple]:
     if not stages:
         return []
     rows = []
     for name, e in stages.items():
         rate = e.get("images_per_s") or _train_rate(e.get("dir"))
-        rows.append([name, e["status"], f"{e['seconds']:.0f}", f"{rate:.0f}" if rate else "",
+        seconds = f"{e['seconds']:.0f}" if e["status"] != "running" else ""
+        rows.append([name, stage_status(name, e, config), seconds, f"{rate:.0f}" if rate else "",
                      e.get("dir") or e.get("path") or ""])
     total = sum(e["seconds"] for e in stages.values() if e["status"] == "ran")
     blocks = [("h2", "Stages"),
-              ("p", f"Wall time of the run that computed each stage ({total:.0f} s in all; a skipped stage was "
-                    "reused from an earlier invocation). Training stages: mean images/s over their epochs."),
+              ("p", f"Wall time of the invocation that computed each stage ({total:.0f} s in all). Training stages: "
+                    "mean images/s over their epochs."),
+              ("p", STATUS_LEGEND),
               ("table", ["stage", "status", "wall s", "images/s", "output"], rows)]
     pseudo = stages.get("pseudolabel", {})
     if pseudo.get("images"):
@@ -207,18 +429,21 @@ def _train_rate(stage_dir: str | None) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def _data(run: Path, stages: dict[str, dict]) -> list[tuple]:
+def _data(run: Path, stages: dict[str, dict], sets: dict[str, dict]) -> list[tuple]:
     path = run / "data.json"
     if not path.is_file():
         return []
     rows = []
     for name, c in json.loads(path.read_text()).items():
+        s = sets.get(name, {})
+        kind = f"synthetic ({s.get('source')} layout)" if s.get("synthetic") else f"{s.get('source', '?')} (real)"
         splits = ", ".join(f"{k} {v}" for k, v in c["by_split"].items())
         grades = ", ".join(f"{k}: {v}" for k, v in c["by_grade"].items())
         rejected = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
-        rows.append([name, str(c["inputs"]), str(c["prepared"]), f"{c['rejected']} ({rejected})", splits, grades])
+        rows.append([name, kind, f"{s.get('size', '?')} px", str(c["inputs"]), str(c["prepared"]),
+                     f"{c['rejected']} ({rejected})", splits, grades])
     return [("h2", "Data"), ("p", f"Labeled subset: {labels_text(run, stages)} of the EyePACS-style train split."),
-            ("table", ["data set", "inputs", "prepared", "rejected", "splits", "grades"], rows)]
+            ("table", ["data set", "images", "size", "inputs", "prepared", "rejected", "splits", "grades"], rows)]
 
 
 # --- a label-fraction sweep --------------------------------------------------------------------
@@ -274,7 +499,10 @@ def sweep_blocks(run: Path) -> list[tuple]:
               for ts, title in TEST_SETS.items() if any(r["test_set"] == ts for r in rows)}
     if panels:
         sweep_figure(panels, run / "figures" / "sweep_auc.png")
-        blocks.append(("img", "figures/sweep_auc.png", "test AUC against label fraction"))
+        blocks.append(("img", "figures/sweep_auc.png", "test AUC against label fraction",
+                       "Test AUC against the labeled fraction of the train split (log scale), one panel per test set: "
+                       "each method's mean over seeds with +-1 sd error bars, every seed's AUC a faint dot; the dotted "
+                       "line is chance (0.5)."))
     blocks += _sweep_trials(run, rows)
     return blocks
 
@@ -292,8 +520,9 @@ def _sweep_trials(run: Path, rows: list[dict]) -> list[tuple]:
 
 
 def table1_blocks(table: list[dict]) -> list[tuple]:
-    """RUN/table1.parquet's rows as the paper's Table 1, and whether its claim holds here: the
-    distilled student above every baseline trained on the same labeled subset."""
+    """RUN/table1.parquet's rows as the paper's Table 1 (this run's numbers only; the paper's in
+    their own table), and whether its claim holds here, judged like the ordering (:func:`verdict`):
+    the distilled student above every baseline trained on the same labeled subset."""
     sets = [s for s in TEST_SETS if any(r["test_set"] == s for r in table)]
     rows = []
     for name in dict.fromkeys(r["method"] for r in table):
@@ -301,24 +530,23 @@ def table1_blocks(table: list[dict]) -> list[tuple]:
         cells = [name, first["labels"], first["architecture"]]
         for s in sets:
             r = next((r for r in table if r["method"] == name and r["test_set"] == s), None)
-            paper = f" (paper {r['paper_auc']:.2f})" if r and r["paper_auc"] is not None else ""
             p = f", p={r['p_vs_student']:.2g}" if r and r["p_vs_student"] is not None else ""
-            cells.append(f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{paper}{p}" if r else "")
+            cells.append(f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{p}" if r else "")
         rows.append(cells)
-    blocks = [("p", "AUC [95% CI] per test set; the paper's AUC in parentheses; p: DeLong's test against the "
-                    "distilled student on the same images."),
+    blocks = [("p", "AUC [95% CI] per test set; p: DeLong's test against the distilled student on the same images. "
+                    "The paper's AUCs are in their own table (real data, 299 px): not this run's."),
               ("table", ["method", "labels", "architecture"] + [TEST_SETS[s] for s in sets], rows)]
     for s in sets:
         student = next((r for r in table if r["method"] == "student" and r["test_set"] == s), None)
         others = [r for r in table if r["test_set"] == s and r["method"] not in ("student", "supervised_100")]
         if student is None or not others:
             continue
-        below = [r for r in others if r["auc"] >= student["auc"]]
-        verdict = "holds" if not below else f"does NOT hold ({', '.join(r['method'] for r in below)} at or above it)"
-        gaps = ", ".join(f"{r['method']} {student['auc'] - r['auc']:+.3f} (p={r['p_vs_student']:.2g})" for r in others)
-        blocks.append(("p", f"{TEST_SETS[s]}: the student above every method on the same labels {verdict}; "
-                            f"student minus each: {gaps}."))
-    return blocks
+        verdicts = {r["method"]: verdict(student["auc"] - r["auc"], r["p_vs_student"]) for r in others}
+        gaps = ", ".join(f"{r['method']} {student['auc'] - r['auc']:+.3f} (p={r['p_vs_student']:.2g}: "
+                         f"{verdicts[r['method']]})" for r in others)
+        blocks.append(("p", f"{TEST_SETS[s]}: the student above every method on the same labels "
+                            f"{combined(list(verdicts.values()))}; student minus each: {gaps}."))
+    return blocks + [("p", RULE)]
 
 
 def sweep_markdown(run: Path) -> str:
@@ -329,46 +557,68 @@ def sweep_markdown(run: Path) -> str:
 
 
 def markdown(blocks: list[tuple]) -> str:
-    out = []
+    out, figure = [], 0
     for kind, *args in blocks:
         if kind in ("h1", "h2"):
             out.append(("# " if kind == "h1" else "## ") + args[0])
         elif kind == "p":
             out.append(args[0])
+        elif kind == "note":  # what a reader must know before any number: a quote block at the top
+            out.append(f"> **{args[0]}** {args[1]}")
         elif kind == "table":
             header, rows = args
             out.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                                  + ["| " + " | ".join(row) + " |" for row in rows]))
         elif kind == "img":
-            out.append(f"![{args[1]}]({args[0]})")
+            figure += 1
+            out.append(f"![{args[1]}]({args[0]})\n\n*Figure {figure}. {_caption(args)}*")
         elif kind == "pre":
             out.append("```yaml\n" + args[0].rstrip() + "\n```")
     return "\n\n".join(out) + "\n"
 
 
+def _caption(args: tuple) -> str:
+    """An image block is (path, alt text, caption); the caption defaults to the alt text."""
+    return args[2] if len(args) > 2 else args[1]
+
+
+def inline(text: str) -> str:
+    """A line of the report as HTML: escaped, with Markdown's `code` as <code> (an unpaired
+    backtick stays a backtick)."""
+    parts = text.split("`")
+    if len(parts) % 2 == 0:
+        parts[-2:] = [parts[-2] + "`" + parts[-1]]
+    return "".join(f"<code>{html.escape(part)}</code>" if i % 2 else html.escape(part) for i, part in enumerate(parts))
+
+
 def _html(blocks: list[tuple], run: Path) -> str:
     esc = html.escape
-    body = []
+    body, figure = [], 0
     for kind, *args in blocks:
         if kind in ("h1", "h2"):
-            body.append(f"<{kind}>{esc(args[0])}</{kind}>")
+            body.append(f"<{kind}>{inline(args[0])}</{kind}>")
         elif kind == "p":
-            body.append(f"<p>{esc(args[0])}</p>")
+            body.append(f"<p>{inline(args[0])}</p>")
+        elif kind == "note":
+            body.append(f'<p class="note"><strong>{inline(args[0])}</strong> {inline(args[1])}</p>')
         elif kind == "table":
             header, rows = args
-            body.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows)
                         + "</table>")
         elif kind == "img":
+            figure += 1
             data = base64.b64encode((run / args[0]).read_bytes()).decode()
             body.append(f'<figure><img alt="{esc(args[1])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{esc(args[1])}</figcaption></figure>")
+                        f"<figcaption>Figure {figure}. {inline(_caption(args))}</figcaption></figure>")
         elif kind == "pre":
             body.append(f"<pre>{esc(args[0])}</pre>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "font-size:90%}th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;"
-             "overflow:auto;font-size:85%}figure{margin:1em 0}")
+             "overflow:auto;font-size:85%}figure{margin:1em 0}figcaption{font-size:90%;color:#333}"
+             "code{background:#f3f3f3;padding:0 3px}"
+             ".note{border-left:6px solid #c62828;background:#fdecea;padding:.8em 1em;font-size:105%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>drray report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 

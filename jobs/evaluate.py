@@ -6,7 +6,8 @@ pipeline. Written to ``RUN/evaluate-<key>/`` (and ``RUN/metrics.json``):
 
     predictions.parquet  image_id, target (int8), prob (float32), model, test_set
     metrics.json         per model and test set: n, positives, AUC with a 95% bootstrap CI,
-                         sensitivity/specificity at operating points chosen on validation data;
+                         sensitivity/specificity at operating points chosen on validation data
+                         (with tp, fn, tn, fp and 95% Wilson intervals);
                          DeLong's test between every two models on the same images
     roc_<set>.png        ROC curves, every model overlaid
     tsne.png             t-SNE of penultimate-layer features on the external set (the paper's
@@ -41,13 +42,15 @@ from drray.distributed.inference import (
     prob_column,
 )
 from drray.distributed.prepare import ensure_prepared
-from drray.engine.checkpoint import read_meta
+from drray.engine.checkpoint import classifier_meta, read_meta
 from drray.metrics import (
     bootstrap_auc_ci,
+    confusion_counts,
     delong_test,
     roc_auc,
     sensitivity_specificity,
     threshold_at_sensitivity,
+    wilson_interval,
 )
 from drray.progress import say
 from jobs import common, stages
@@ -75,7 +78,7 @@ def models_of(cfg: Config) -> dict[str, Path]:
             raise FileNotFoundError(f"evaluate: no models in {root}: run `drray run pipeline` first, or name "
                                     f"checkpoints with --set evaluate.models=[teacher=DIR,...]")
     for path in chosen.values():
-        read_meta(path)  # a clear error when it is not a checkpoint directory
+        classifier_meta(path)  # a clear error naming what to pass (a stage dir, an encoder, ...)
     return chosen
 
 
@@ -180,11 +183,7 @@ def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
             p = columns[prob_column(m)][of[test_set]]
             auc = roc_auc(y, p)
             lo, hi = bootstrap_auc_ci(y, p, ev.bootstrap, ev.seed)
-            points = []
-            for s in ev.sensitivities:
-                sens, spec = sensitivity_specificity(y, p, thresholds[m][s])
-                points.append({"target_sensitivity": s, "threshold": thresholds[m][s], "sensitivity": sens,
-                               "specificity": spec})
+            points = [operating_point(y, p, thresholds[m][s], s) for s in ev.sensitivities]
             results.append({"model": m, "test_set": test_set, "n": int(len(y)), "positives": int(y.sum()),
                             "auc": auc, "auc_ci": [lo, hi], "operating_points": points})
         for a, b in itertools.combinations(models, 2):
@@ -195,6 +194,16 @@ def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
                  for m in models}
     return {"results": results, "delong": comparisons, "operating_points": operating,
             "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95}}
+
+
+def operating_point(targets: np.ndarray, probs: np.ndarray, threshold: float, target: float) -> dict:
+    """One operating point on a test set: sensitivity and specificity with the counts they are
+    made of and their 95% Wilson intervals (a test set's few positives make them wide)."""
+    c = confusion_counts(targets, probs, threshold)
+    sensitivity, specificity = sensitivity_specificity(targets, probs, threshold)
+    return {"target_sensitivity": target, "threshold": threshold, "sensitivity": sensitivity,
+            "specificity": specificity, **c, "sensitivity_ci": list(wilson_interval(c["tp"], c["tp"] + c["fn"])),
+            "specificity_ci": list(wilson_interval(c["tn"], c["tn"] + c["fp"]))}
 
 
 def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path) -> None:

@@ -94,4 +94,4 @@ def write_table(run) -> dict:
 
 
 def markdown(table: list[dict]) -> str:
-    return report.markdown([("h1", "Table 1 (drray)")] + report.table1_blocks(table))
+    return report.markdown([("h1", "Table 1 (drray)")] + report.table1_blocks(table) + report.paper_blocks())

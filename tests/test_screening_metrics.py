@@ -7,10 +7,12 @@ from sklearn.metrics import roc_auc_score
 from drray.metrics import (
     _rank_auc,
     bootstrap_auc_ci,
+    confusion_counts,
     delong_test,
     roc_auc,
     sensitivity_specificity,
     threshold_at_sensitivity,
+    wilson_interval,
 )
 
 
@@ -67,3 +69,29 @@ def test_threshold_at_sensitivity_and_the_operating_point():
     assert sens == 0.75 and spec == pytest.approx(5 / 6)  # 0.7 is the one false positive
     with pytest.raises(ValueError, match="no positive"):
         threshold_at_sensitivity(np.zeros(3), np.ones(3), 0.9)
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_interval_matches_newcombes_published_values(successes, n, low, high):
+    # Newcombe (1998), Two-sided confidence intervals for the single proportion, Table I, method 3
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_stays_inside_zero_and_one_and_narrows_with_n():
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and 0.83 < lo < 0.84  # a Wald interval would be [1, 1]
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert np.diff(wilson_interval(450, 500)) < 0.4 * np.diff(wilson_interval(45, 50))
+
+
+def test_the_evaluations_operating_point_carries_its_counts_and_intervals():
+    from jobs.evaluate import operating_point
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.5, 0.4, 0.2, 0.1, 0.05])
+    assert confusion_counts(y, s, 0.6) == {"tp": 3, "fn": 1, "tn": 5, "fp": 1}
+    op = operating_point(y, s, 0.6, 0.75)
+    assert op["sensitivity"] == 0.75 and op["specificity"] == pytest.approx(5 / 6)
+    assert (op["tp"], op["fn"], op["tn"], op["fp"]) == (3, 1, 5, 1) and op["threshold"] == 0.6
+    assert op["sensitivity_ci"] == list(wilson_interval(3, 4)) and op["specificity_ci"] == list(wilson_interval(5, 6))

@@ -1,0 +1,262 @@
+"""The report from a small fake run directory (no Ray, no training): what it must say so that it
+cannot mislead: synthetic data, the paper apart, labels and positives, claims judged with their
+tests, final stage states, captions, the published epoch, operating points with counts and CIs."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from drray import plots, report
+
+LABELED, TRAIN = 40, 240
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def stage_dir(run: Path, name: str, val_aucs: list[float | None], published: str | None = "best") -> Path:
+    """A trained stage: metrics.jsonl (one line per epoch), subset.json, best/ and model/ metas."""
+    folder = run / f"{name}-0123456789"
+    lines = [{"stage": name, "epoch": e, "loss": 1.0 / (e + 1), "val_auc": auc, "images_per_s": 100.0}
+             for e, auc in enumerate(val_aucs)]
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_json(folder / "subset.json", {"labeled": [f"img{i}" for i in range(LABELED)], "validation": ["v0"]})
+    write_json(folder / "model" / "meta.json", {"spec": {"backbone": "resnet18"}, "epoch": len(val_aucs) - 1})
+    aucs = [a if a is not None else -1 for a in val_aucs]
+    best = max(range(len(aucs)), key=aucs.__getitem__)
+    write_json(folder / "best" / "meta.json", {"spec": {"backbone": "resnet18"}, "epoch": best})
+    if published:
+        meta = json.loads((folder / published / "meta.json").read_text())
+        write_json(run / "models" / name / "meta.json", {**meta, "source": str(folder / published)})
+    return folder
+
+
+def result(model: str, test_set: str, auc: float, counts: bool = True) -> dict:
+    op = {"target_sensitivity": 0.9, "threshold": 0.25, "sensitivity": 0.9, "specificity": 0.5}
+    if counts:
+        op.update(tp=45, fn=5, tn=100, fp=100, sensitivity_ci=[0.7864, 0.9565], specificity_ci=[0.4314, 0.5686])
+    return {"model": model, "test_set": test_set, "n": 250, "positives": 50, "auc": auc,
+            "auc_ci": [auc - 0.05, auc + 0.05], "operating_points": [op]}
+
+
+def delong(test_set: str, a: str, b: str, auc_a: float, auc_b: float, p: float) -> dict:
+    return {"test_set": test_set, "model_a": a, "model_b": b, "auc_a": auc_a, "auc_b": auc_b, "z": 1.0, "p": p}
+
+
+# EyePACS-style test: the ordering holds (both claims significant, the right way). External: the
+# ci run's 0.537 vs 0.536 (p 0.99: not distinguishable) and a teacher significantly below the
+# supervised baseline (does not hold).
+AUCS = {"eyepacs_test": {"student": 0.90, "teacher": 0.80, "supervised": 0.70},
+        "external": {"student": 0.537, "teacher": 0.536, "supervised": 0.70}}
+P = {"eyepacs_test": {("student", "teacher"): 0.01, ("teacher", "supervised"): 0.02, ("student", "supervised"): 0.001},
+     "external": {("student", "teacher"): 0.99, ("teacher", "supervised"): 0.001, ("student", "supervised"): 0.001}}
+
+
+def fake_run(root: Path, *, synthetic: bool = True, counts: bool = True) -> Path:
+    run = root / "run"
+    images = root / "raw"
+    images.mkdir(parents=True)
+    prepared = root / "prepared"
+    write_json(prepared / "manifest.json", {"source": "synthetic" if synthetic else "eyepacs", "images": str(images),
+                                            "params": {"size": 64}})
+    stages = {name: stage_dir(run, name, aucs) for name, aucs in
+              (("teacher", [0.6, 0.8, 0.7]), ("supervised", [0.5, 0.6]), ("student", [0.7, 0.9, 0.8, 0.75]))}
+    stages["pretrain"] = stage_dir(run, "pretrain", [None, None], published=None)
+    evaluation = run / "evaluate-0123456789"
+    evaluation.mkdir()
+    Image.new("RGB", (8, 8)).save(evaluation / "roc_eyepacs_test.png")
+    write_json(run / "metrics.json", {
+        "results": [result(m, s, auc, counts) for s, by in AUCS.items() for m, auc in by.items()],
+        "delong": [delong(s, a, b, AUCS[s][a], AUCS[s][b], p) for s, pairs in P.items() for (a, b), p in pairs.items()],
+        "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95}})
+    write_json(run / "data.json", {"eyepacs": {
+        "prepared_dir": str(prepared), "inputs": 300, "prepared": 300, "rejected": 0, "rejected_by_reason": {},
+        "by_split": {"train": TRAIN, "test": 60}, "by_grade": {"0": 250, "2": 50}}})
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump({
+        "data": {"size": 64, "eyepacs": {"source": "eyepacs", "images": str(images), "prepared": str(prepared),
+                                         "synthetic": {"n": 240} if synthetic else None}},
+        "pipeline": {"baselines": []}}))
+    entry = lambda name, status, **kw: {"stage": name, "status": status, "seconds": 1.0, **kw}  # noqa: E731
+    write_json(run / "pipeline.json", {"invocations": [
+        {"status": "running", "stages": [entry("distill", "running")]},  # killed: never recorded its end
+        {"status": "running", "stages": [
+            entry("prepare", "skipped"), entry("pretrain", "ran", dir=str(stages["pretrain"])),
+            entry("teacher", "ran", dir=str(stages["teacher"])), entry("supervised", "ran", dir=str(stages["supervised"])),
+            entry("baselines", "skipped"), entry("pseudolabel", "ran", images=TRAIN, positives=20),
+            entry("distill", "failed"), entry("student", "ran", dir=str(stages["student"])),
+            entry("evaluate", "ran", dir=str(evaluation)), entry("report", "running")]}]})
+    return run
+
+
+@pytest.fixture
+def built(tmp_path, monkeypatch):
+    """The report of the fake run: (markdown, html, what the training figure was given)."""
+    given = {}
+    real = plots.training_figure
+
+    def recording(stages, path, *published):
+        given.update(stages=stages, published=published[0] if published else None)
+        return real(stages, path, *published)
+
+    monkeypatch.setattr(plots, "training_figure", recording)
+    run = fake_run(tmp_path)
+    report.build(run)
+    return (run / "report.md").read_text(), (run / "report.html").read_text(), given
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def rows_of(md: str, title: str) -> list[str]:
+    return [line for line in section(md, title).splitlines() if line.startswith("| ")]
+
+
+def test_the_report_says_at_the_top_that_its_data_are_synthetic(built, tmp_path):
+    md, page, _ = built
+    notice = md.index("> **Synthetic data.**")
+    assert notice < md.index("## Results") and "eyepacs at 64 px" in md[notice:md.index("## Results")]
+    assert '<p class="note"><strong>Synthetic data.</strong>' in page
+    assert "| eyepacs | synthetic (eyepacs layout) | 64 px |" in md
+
+
+def test_synthetic_is_read_from_the_mark_drray_synth_leaves_and_real_data_get_no_notice(tmp_path):
+    run = fake_run(tmp_path / "real", synthetic=False)
+    assert "Synthetic data" not in report.markdown(report.synthetic_notice(report.data_sets(run)))
+    marked = fake_run(tmp_path / "marked", synthetic=False)
+    write_json(Path(report.data_sets(marked)["eyepacs"]["images"]) / ".drray-output.json",
+               {"written_by": "drray", "what": "synthetic-data folder"})
+    assert report.data_sets(marked)["eyepacs"]["synthetic"]
+
+
+def test_the_papers_numbers_stand_in_their_own_labelled_table(built):
+    md, _, _ = built
+    results = section(md, "Results (Table 1 layout)")
+    assert "paper" not in rows_of(md, "Results (Table 1 layout)")[0].lower() and "0.94" not in results
+    paper = rows_of(md, report.PAPER_TITLE)
+    assert "| SimCLR-Distilled (Student) | DenseNet161 | 2% (1,000) | 0.94 | 0.89 |" in paper
+    assert md.index("## Paper (real EyePACS/Messidor-2, 299 px), for reference, not reproduced by this run") > 0
+
+
+def test_every_results_row_shows_its_labels_and_the_test_sets_images_and_positives(built):
+    md, _, _ = built
+    rows = rows_of(md, "Results (Table 1 layout)")
+    assert rows[0].startswith("| model | architecture | labels used |")
+    teacher = next(r for r in rows if r.startswith("| teacher |"))
+    assert "| 16.7% (40) |" in teacher and teacher.count("(n=250, 50 referable)") == 2
+    student = next(r for r in rows if r.startswith("| student |"))
+    assert "16.7% (40) + the teacher's pseudo-labels on 240 pool images" in student
+
+
+@pytest.mark.parametrize("difference, p, expected", [
+    (+0.10, 0.01, "holds"), (+0.001, 0.99, "not distinguishable"), (-0.10, 0.30, "not distinguishable"),
+    (-0.16, 0.001, "does not hold")])
+def test_a_claim_is_judged_by_delongs_p_not_by_the_point_estimates(difference, p, expected):
+    assert report.verdict(difference, p) == expected
+
+
+def test_the_ordering_is_judged_claim_by_claim_with_the_rule_in_the_text(built):
+    md, _, _ = built
+    text = section(md, "The paper's ordering: student >= teacher > supervised")
+    assert report.RULE in text and "p < 0.05" in report.RULE
+    rows = rows_of(md, "The paper's ordering: student >= teacher > supervised")
+    verdict = {(r.split(" | ")[0][2:], r.split(" | ")[1]): r.rsplit(" | ", 1)[1][:-2] for r in rows[1:5]}
+    assert verdict == {("EyePACS-style test", "student >= teacher"): "holds",
+                       ("EyePACS-style test", "teacher > supervised"): "holds",
+                       ("Messidor-2-style external", "student >= teacher"): "not distinguishable",
+                       ("Messidor-2-style external", "teacher > supervised"): "does not hold"}
+    assert "| 0.537 [0.487, 0.587] | 0.536 [0.486, 0.586] | +0.001 | 0.99 | not distinguishable |" in text
+    assert "EyePACS-style test: the ordering holds (" in text
+    assert "Messidor-2-style external: the ordering does not hold (" in text
+    assert report.combined(["holds", "not distinguishable"]) == "not distinguishable"
+
+
+def test_the_stage_table_shows_final_states_and_unconfigured_steps(built):
+    md, _, _ = built
+    rows = rows_of(md, "Stages")
+    assert not [r for r in rows if "| running |" in r]
+    assert any(r.startswith("| report | done (this report) |") for r in rows)
+    assert any(r.startswith("| baselines | not configured (set pipeline.baselines") for r in rows)
+    assert any(r.startswith("| prepare | skipped (found done) |") for r in rows)
+    assert any(r.startswith("| distill | failed |") for r in rows)  # the latest record, not the stale one
+
+
+def test_a_stage_left_running_by_a_killed_invocation_is_not_shown_running():
+    entry = {"stage": "distill", "status": "running", "seconds": 3.0, "latest": False, "invocation": "running"}
+    assert report.stage_status("distill", entry, {}).startswith("killed")
+    configured = {"pipeline": {"baselines": ["fixmatch"]}}
+    skipped = {"stage": "baselines", "status": "skipped", "seconds": 0.0, "latest": True, "invocation": "complete"}
+    assert report.stage_status("baselines", skipped, configured) == "skipped (found done)"
+
+
+def test_every_figure_has_a_visible_caption(built):
+    md, page, _ = built
+    assert re.search(r"!\[roc eyepacs test\]\(figures/roc_eyepacs_test.png\)\n\n\*Figure 1\. ROC curves on the "
+                     r"EyePACS-style test set \(250 images, 50 referable\)", md)
+    assert "*Figure 2. Training loss" in md
+    assert page.count("<figcaption>Figure ") == 2 and "<figcaption>Figure 1. ROC curves on the" in page
+
+
+def test_html_renders_inline_code_and_escapes_everything_else(built):
+    _, page, _ = built
+    body = re.sub(r"<pre>.*?</pre>", "", page, flags=re.S)
+    assert "`" not in body and "<code>drray synth</code>" in body and "<code>/" in body
+    assert report.inline("a `<b>` & \"c\"") == "a <code>&lt;b&gt;</code> &amp; &quot;c&quot;"
+    assert report.inline("one ` left") == "one ` left"
+
+
+def test_the_training_curves_mark_the_published_epoch(built):
+    md, _, given = built
+    # teacher: best validation AUC at epoch 2 of 3 (0-based 1); pretrain: no validation, its last
+    assert given["published"] == {"teacher": 1, "supervised": 1, "student": 1, "pretrain": 1}
+    caption = md.split("*Figure 2. ", 1)[1].split("*", 1)[0]
+    assert "teacher epoch 2 (best validation AUC; published as RUN/models/teacher)" in caption
+    assert "pretrain epoch 2 (the last epoch; handed to the next stage)" in caption
+
+
+def test_training_figure_draws_a_line_and_a_ring_at_the_published_epoch(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    records = [{"epoch": e, "loss": 1.0 / (e + 1), "val_auc": auc} for e, auc in enumerate([0.6, 0.8, 0.7])]
+    plots.training_figure({"teacher": records}, tmp_path / "t.png", {"teacher": 1})
+    for ax in figures[0].axes:
+        marks = [line for line in ax.lines if line.get_gid() == "published"]
+        assert {tuple(line.get_xdata()) for line in marks} == {(2, 2), (2,)}  # the vertical line and the ring
+    assert [line.get_ydata()[0] for line in figures[0].axes[1].lines if line.get_gid() == "published"][1] == 0.8
+
+
+def test_operating_points_show_counts_and_wilson_intervals(built, tmp_path):
+    md, _, _ = built
+    rows = rows_of(md, "Operating points")
+    assert "| 0.900 (45/50) [0.786, 0.957] | 0.500 (100/200) [0.431, 0.569] |" in rows[1]
+    old = fake_run(tmp_path / "old", counts=False)
+    report.build(old)
+    assert "0.900 (counts not recorded)" in (old / "report.md").read_text()
+
+
+def test_table1_judges_the_students_claim_by_delong_and_keeps_the_papers_numbers_apart():
+    from drray import report
+
+    def row(method, test_set, auc, p):
+        return {"method": method, "labels": "2% (64)", "architecture": "resnet18", "test_set": test_set, "n": 100,
+                "auc": auc, "ci_low": auc - 0.05, "ci_high": auc + 0.05, "paper_auc": 0.9, "p_vs_student": p}
+
+    table = [row("supervised_100", "eyepacs_test", 0.99, 0.01), row("fixmatch", "eyepacs_test", 0.70, 0.02),
+             row("student", "eyepacs_test", 0.80, None), row("supervised_100", "external", 0.99, 0.01),
+             row("fixmatch", "external", 0.85, 0.3), row("mixmatch", "external", 0.60, 0.4),
+             row("student", "external", 0.80, None)]
+    text = report.markdown(report.table1_blocks(table))
+    assert "EyePACS-style test: the student above every method on the same labels holds" in text
+    assert "fixmatch +0.100 (p=0.02: holds)" in text  # the 100%-labels row is not a same-labels competitor
+    assert "Messidor-2-style external: the student above every method on the same labels not distinguishable" in text
+    assert "| fixmatch | 2% (64) | resnet18 | 0.700 [0.650, 0.750], p=0.02 |" in text and "(paper" not in text
+    table[4] = row("fixmatch", "external", 0.90, 0.001)  # significantly above the student
+    text = report.markdown(report.table1_blocks(table))
+    assert "external: the student above every method on the same labels does not hold" in text
