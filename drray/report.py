@@ -40,8 +40,7 @@ ALPHA = 0.05  # DeLong p below which a difference between two AUCs counts as sho
 ORDERING = (("student", ">=", "teacher"), ("teacher", ">", "supervised"))
 # What the mark of a folder `drray synth` wrote says (drray.data.synthetic.write_dataset).
 SYNTHETIC_MARK = "synthetic-data folder"
-# Steps a config can leave out: the key that turns each on. Their runner records "skipped" for
-# a step with nothing to do, which must not read as "found done".
+# Steps a config can leave out: the key that turns each on (the runner records "not configured").
 CONFIGURED_BY = {"baselines": ("pipeline.baselines", "set pipeline.baselines, e.g. [fixmatch, mixmatch]")}
 
 
@@ -380,10 +379,10 @@ def stage_status(name: str, entry: dict, config: dict) -> str:
         if not entry["latest"] or entry["invocation"] != "running":
             return "killed (its invocation ended without recording its end)"
         return "unfinished (still running, or killed without a record)"
-    if status == "skipped" and name in CONFIGURED_BY:
-        key, how = CONFIGURED_BY[name]
-        if _lookup(config, key) in ((), [], None):
-            return f"not configured ({how})"
+    if status == "not configured" or (status == "skipped" and name in CONFIGURED_BY
+                                       and _lookup(config, CONFIGURED_BY[name][0]) in ((), [], None)):
+        # (runs before 2026-12-01 recorded an unconfigured step as skipped)
+        return f"not configured ({CONFIGURED_BY[name][1]})" if name in CONFIGURED_BY else "not configured"
     return "skipped (found done)" if status == "skipped" else status
 
 

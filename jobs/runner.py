@@ -30,8 +30,13 @@ class Step:
     run: Callable[[Config], dict]
 
 
+NOT_CONFIGURED = "not configured"  # a step the config does not ask for
+
+
 def _baselines(cfg: Config) -> dict:
     """The semi-supervised baselines named in ``pipeline.baselines`` (none by default)."""
+    if not cfg.pipeline.baselines:  # told apart from "found done" in pipeline.json and the report
+        return {"stage": "baselines", "status": NOT_CONFIGURED, "dirs": {}}
     results = [stages.STAGES[name].function()(cfg) for name in cfg.pipeline.baselines]
     return {"stage": "baselines", "skipped": all(r.get("skipped") for r in results),
             "dirs": {r["stage"]: r["dir"] for r in results}}
@@ -90,7 +95,7 @@ def run_steps(cfg: Config, steps: list[Step], on_stage: Callable[[str, str], Non
             record.stage(step.name, "failed", started)
             record.finish("failed")
             raise
-        status = "skipped" if result.get("skipped") else "ran"
+        status = result.get("status") or ("skipped" if result.get("skipped") else "ran")
         record.stage(step.name, status, started, result)
         on_stage(step.name, status)
         say("pipeline", f"{step.name}: {status} ({time.time() - started:.0f} s)")
