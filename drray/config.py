@@ -64,7 +64,7 @@ IdFrom = Literal["stem", "path"]
 class DatasetConfig:
     """One raw data set and where its prepared shards live."""
 
-    source: Literal["eyepacs", "messidor2", "folder"] = "eyepacs"
+    source: Literal["eyepacs", "messidor2", "folder", "aptos", "idrid", "ddr"] = "eyepacs"
     images: str = ""  # folder searched recursively for image files
     id_from: IdFrom = "stem"  # label rows name images the same way
     labels: tuple[str, ...] = ()  # label CSVs; relative paths are relative to `images`

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import drray
-from drray.config import ConfigError, IdFrom, SyntheticConfig, load_config, run_dir
+from drray.config import ConfigError, DatasetConfig, IdFrom, SyntheticConfig, load_config, run_dir
 from drray.progress import configure_logging, log_only, log_to_file
 from jobs.stages import STAGES
 
@@ -32,6 +32,9 @@ def _jobs() -> dict[str, tuple[str, str]]:
 
 
 JOBS = _jobs()
+# drray.data.sources.SOURCES, read from the config's type (importing the sources would load
+# the image libraries on every command)
+SOURCE_CHOICES = typing.get_args(typing.get_type_hints(DatasetConfig)["source"])
 
 EXAMPLES = """
 \b
@@ -116,21 +119,27 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
 
 
 @main.command()
-@click.option("--source", type=click.Choice(["eyepacs", "messidor2", "folder"]), required=True,
+@click.option("--source", type=click.Choice(SOURCE_CHOICES), required=True,
               help="Label format: eyepacs (trainLabels.csv / testLabels.csv: image,level[,Usage]), "
                    "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split], split one of "
-                   "train/val/test, any case; valid and validation mean val).")
+                   "train/val/test, any case; valid and validation mean val); the public sets as they "
+                   "unpack, their label files found without --labels: aptos (APTOS 2019: train.csv, "
+                   "train_images/; test_images/ as unlabeled training images), idrid (IDRiD disease "
+                   "grading: B. Disease Grading/; ids train/IDRiD_001, test/IDRiD_001), ddr (DDR: "
+                   "DR_grading/; grade 5 rejected as ungradable).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder searched recursively; every file in it is an input (hidden files and the "
-                   "--labels CSVs aside): .jpeg/.jpg/.png/.tif/.tiff/.bmp/.webp images are prepared, "
-                   "other files rejected as unsupported_format.")
+                   "label files aside): .jpeg/.jpg/.png/.tif/.tiff/.bmp/.webp images are prepared, "
+                   "other files rejected as unsupported_format. aptos, idrid, ddr: the folder the set "
+                   "unpacks to; only its image folders are searched.")
 @click.option("--id-from", type=click.Choice(typing.get_args(IdFrom)), default="stem", show_default=True,
               help="An image's id: its file stem (left), or its path under --images without the "
                    "extension (patientA/left), for data sets that reuse file names across folders. "
                    "Label rows name images the same way (patientA/left or patientA/left.jpg).")
 @click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path),
               help="Label CSV (repeatable); a relative path is also looked up inside --images. "
-                   "Images without a label row, or with an empty grade, are kept as unlabeled.")
+                   "Images without a label row, or with an empty grade, are kept as unlabeled. "
+                   "aptos, idrid, ddr: optional (their own label files are read).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output: OUT/shards/*.parquet, OUT/rejects.parquet, OUT/manifest.json. Must lie "
                    "outside --images and be new, empty or a prepared set drray wrote (then replaced "
@@ -140,9 +149,11 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
 @click.option("--format", "image_format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True,
               help="Encoding of the prepared images (JPEG quality 95 or lossless PNG).")
 @click.option("--partition", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="CSV image_id,split that sets each image's split (e.g. the Voets et al. partition).")
+              help="CSV image_id,split that sets each image's split (drray partition's, or the Voets "
+                   "et al. partition); checked against the manifest drray partition wrote beside it.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Pool all images and draw a seeded train/test partition with this test share.")
+              help="Pool all images and draw a seeded train/test partition with this share of the "
+                   "patients as test (as drray partition does; EyePACS 10_left/10_right are patient 10).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --test-fraction.")
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray instance.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input was rejected.")
@@ -172,6 +183,81 @@ def prepare(source, images, id_from, labels, out, size, image_format, partition,
     if strict and counts["rejected"]:
         click.echo(f"--strict: {counts['rejected']} input(s) rejected", err=True)
         sys.exit(3)
+
+
+@main.command()
+@click.option("--prepared", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A prepared set (drray prepare's --out): partition its images, whatever split they had.")
+@click.option("--source", type=click.Choice(SOURCE_CHOICES), default=None,
+              help="With --images: partition a raw data set's ids instead, those drray prepare would try "
+                   "(the inputs not rejected before decoding), as its --test-fraction does.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The raw data set's folder, as for drray prepare.")
+@click.option("--labels", "labels", multiple=True, type=click.Path(path_type=Path),
+              help="The raw data set's label files, as for drray prepare (repeatable).")
+@click.option("--id-from", type=click.Choice(typing.get_args(IdFrom)), default="stem", show_default=True,
+              help="The raw data set's id rule, as for drray prepare.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True,
+              help="Share of the patients (with all their images) put in test.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same ids, seed and patients: same partition.")
+@click.option("--patients", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV image_id,patient_id: the images of a patient stay together. Without it (and for ids "
+                   "it lacks) EyePACS 10_left/10_right are patient 10, and any other image is its own patient.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The partition, CSV image_id,split; its manifest goes beside it (p.csv: p.manifest.json). "
+                   "Must be new or a partition drray wrote there, unchanged since.")
+def partition(prepared, source, images, labels, id_from, test_fraction, seed, patients, out) -> None:
+    """Write a seeded train/test partition by patient, to share by file and check by hash.
+
+    OUT holds image_id,split; the manifest beside it the seed, the test fraction, the counts and
+    the SHA-256 of the sorted ids. Use it with drray prepare --partition OUT (or
+    data.<name>.partition: OUT), which fails if the file no longer matches its manifest.
+    """
+    from drray.data.splits import (
+        check_partition_out,
+        partition_manifest_path,
+        random_partition,
+        read_patients,
+        write_partition,
+    )
+
+    if (prepared is None) == (images is None) or (images is None) != (source is None):
+        raise click.UsageError("give --prepared DIR, or --source and --images of a raw data set")
+    try:
+        check_partition_out(out)
+        ids, drawn_from = _partition_ids(prepared, source, images, list(labels), id_from, out)
+        patient_of = read_patients(patients) if patients else None
+        mapping = random_partition(ids, test_fraction, seed, patient_of)
+        manifest = write_partition(out, mapping, seed=seed, test_fraction=test_fraction, patients=patient_of,
+                                   patients_file=patients, drawn_from=drawn_from)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    images_by, patients_by = manifest["counts"]["by_split"], manifest["counts"]["patients_by_split"]
+    click.echo(f"wrote {out}: {images_by.get('train', 0)} train / {images_by.get('test', 0)} test images "
+               f"({patients_by.get('train', 0)} / {patients_by.get('test', 0)} patients); manifest "
+               f"{partition_manifest_path(out)} (ids SHA-256 {manifest['ids_sha256']})")
+
+
+def _partition_ids(prepared: Path | None, source: str | None, images: Path | None, labels: list[Path],
+                   id_from: str, out: Path) -> tuple[list[str], dict]:
+    """The ids a partition is drawn over, and where they came from (for the manifest)."""
+    if prepared is not None:
+        from drray.data.shards import read_index
+
+        ids = read_index(prepared, ["image_id"])["image_id"].to_pylist()
+        drawn_from = {"prepared": str(prepared)}
+    else:
+        from drray.data.sources import collect_inputs
+
+        if images.resolve() in out.resolve().parents:  # the file would become an input of the set
+            raise click.UsageError(f"--out {out} lies inside --images {images}: write the partition elsewhere")
+        report = collect_inputs(source, images, labels, id_from)
+        ids = [i.image_id for i in report.items if not i.reject]
+        drawn_from = {"source": source, "images": str(images), "id_from": id_from,
+                      "label_files": [str(p) for p in report.label_files]}
+    if not ids:
+        raise click.ClickException(f"no images to partition in {prepared or images}")
+    return ids, drawn_from
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})

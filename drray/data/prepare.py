@@ -41,14 +41,14 @@ class PrepareParams:
 
 
 def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
-    """Prepare each input row (keys: image_id, path, grade, source, split).
+    """Prepare each input row (keys: image_id, path, grade, dme, source, split).
 
     ``path`` is a str or its ``os.fsencode`` bytes: a file name that is not UTF-8 cannot travel
     through Arrow as a string, its bytes can. The output's ``path`` is :func:`printable`.
     """
     out = []
     for row in rows:
-        record = {name: row.get(name) for name in ("image_id", "grade", "source", "split")}
+        record = {name: row.get(name) for name in ("image_id", "grade", "dme", "source", "split")}
         path = os.fsdecode(row["path"]) if row.get("path") is not None else None
         record["path"] = printable(path) if path is not None else None
         if path is not None and not is_image_file(Path(path)):  # a README.txt in a clinic's folder

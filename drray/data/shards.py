@@ -19,6 +19,7 @@ SHARD_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("image", pa.binary()),  # encoded RGB (JPEG or PNG), size x size
     ("grade", pa.int8()),  # 0-4, null when unlabeled
+    ("dme", pa.int8()),  # risk of macular oedema 0-2 (IDRiD; Messidor-2 0-1), null when not graded
     ("source", pa.string()),
     ("split", pa.string()),
     ("path", pa.string()),  # the original file

@@ -1,9 +1,12 @@
-"""Real-data sources: EyePACS (Kaggle), Messidor-2 (Krause grades) and a generic folder + CSV.
+"""Real-data sources: EyePACS (Kaggle), Messidor-2 (Krause grades), the public sets APTOS 2019,
+IDRiD (disease grading) and DDR (DR grading), and a generic folder + CSV.
 
-A source turns a folder of files and its label CSVs into a list of :class:`InputItem`, one per
+A source turns a folder of files and its label files into a list of :class:`InputItem`, one per
 input: every file under the folder, plus every label row without an image file. Two kinds of
-file are not inputs: the label CSVs given, and hidden files and folders (names starting with a
+file are not inputs: the label files, and hidden files and folders (names starting with a
 dot, such as ``.DS_Store`` or ``.git``: the file system's and tools' own, never photographs).
+The public sets are read as they unpack (:data:`LAYOUTS`): their label files are found without
+``--labels``, and only their image folders are searched.
 Items that can already be judged unusable (a file that is not a supported image, a bad grade or
 split, conflicting duplicate labels, ungradable, missing image, a second file with the same id)
 carry a ``reject`` reason; the others go on to image preparation. Nothing is dropped silently:
@@ -26,14 +29,15 @@ import posixpath
 import typing
 import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from drray.config import IdFrom
 from drray.data.fundus import IMAGE_EXTENSIONS
 
-SOURCES = ("eyepacs", "messidor2", "folder")
+SOURCES = ("eyepacs", "messidor2", "folder", "aptos", "idrid", "ddr")
 ID_FROM = typing.get_args(IdFrom)
 # Split names a label CSV or a folder may use, and the split each one means.
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -57,6 +61,7 @@ class InputItem:
     source: str
     reject: str | None = None  # why it cannot be prepared, for a person
     reject_kind: str | None = None  # the reason's category, for counting
+    dme: int | None = None  # risk of macular oedema (IDRiD 0-2, Messidor-2 0-1); None: not graded
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,64 @@ class _LabelRow:
     split: str
     skip_reason: str | None = None  # e.g. Messidor-2 ungradable, a split that is none of SPLITS
     skip_kind: str | None = None
+    dme_text: str = ""  # the macular-oedema risk, where the source grades it
+
+
+class _Label(NamedTuple):
+    """What an id's label rows say, merged."""
+
+    grade: int | None
+    dme: int | None
+    split: str
+    problem: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A public data set as it unpacks under ``--images`` (paths relative to it).
+
+    Only the image folders are searched: the downloads keep other files beside them (Kaggle's
+    sample_submission.csv, whose grades are all 0; IDRiD's and DDR's segmentation and
+    localisation parts, which hold some of the same photographs again, and would then be
+    prepared twice, once as unlabeled training images).
+    """
+
+    unpacks: str  # what --images must hold, for messages
+    images: tuple[str, ...]  # image folders, searched recursively; each must exist
+    labels: tuple[str, ...]  # label files read when --labels is not given; each must exist
+    optional_images: tuple[str, ...] = ()  # searched when present
+    optional_labels: tuple[str, ...] = ()  # read when present
+    # folder -> split, for sets that reuse file names: an id then names its set (train/IDRiD_001)
+    sets: dict[str, str] = field(default_factory=dict)
+
+    def image_folders(self, root: Path, source: str) -> list[Path]:
+        self._expect(root, self.images, Path.is_dir, "image folder", source)
+        return [root / p for p in self.images + self.optional_images if (root / p).is_dir()]
+
+    def label_files(self, root: Path, source: str) -> list[Path]:
+        self._expect(root, self.labels, Path.is_file, "label file", source)
+        return [root / p for p in self.labels + self.optional_labels if (root / p).is_file()]
+
+    def _expect(self, root: Path, paths: tuple[str, ...], exists: Callable[[Path], bool], what: str,
+                source: str) -> None:
+        for path in paths:
+            if not exists(root / path):
+                raise SourceError(f"{source}: {what} {printable(str(root / path))} not found; --images must be "
+                                  f"the folder the data set unpacks to ({self.unpacks})")
+
+
+_IDRID = "B. Disease Grading"
+_IDRID_LABELS = f"{_IDRID}/2. Groundtruths/{{}}. IDRiD_Disease Grading_{{}} Labels.csv"
+LAYOUTS = {
+    "aptos": Layout("the folder holding train.csv and train_images/", images=("train_images",),
+                    labels=("train.csv",), optional_images=("test_images",), optional_labels=("test.csv",)),
+    "idrid": Layout(f"the folder holding {_IDRID}/", images=(f"{_IDRID}/1. Original Images",),
+                    labels=(_IDRID_LABELS.format("a", "Training"), _IDRID_LABELS.format("b", "Testing")),
+                    sets={"a. Training Set": "train", "b. Testing Set": "test"}),
+    "ddr": Layout("the folder holding DR_grading/", images=("DR_grading",),
+                  labels=tuple(f"DR_grading/{name}.txt" for name in ("train", "valid", "test"))),
+}
 
 
 @dataclass
@@ -81,20 +144,31 @@ class SourceReport:
 
 def collect_inputs(source: str, images: str | Path, labels: list[str | Path],
                    id_from: str = "stem") -> SourceReport:
-    """List the inputs of a data set: the files under ``images`` joined with label rows."""
+    """List the inputs of a data set: the files under ``images`` joined with label rows.
+
+    For a public set (:data:`LAYOUTS`) ``labels`` may be empty: its own label files are read.
+    """
     if source not in SOURCES:
         raise SourceError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
     if id_from not in ID_FROM:
         raise SourceError(f"unknown id_from {id_from!r}: choose one of {', '.join(ID_FROM)}")
+    layout = LAYOUTS.get(source)
+    if layout and id_from != "stem":
+        raise SourceError(f"id_from {id_from!r}: the {source} layout fixes its ids (file stems"
+                          f"{', with their set' if layout.sets else ''}); leave it at stem")
     images = Path(images)
     if not images.is_dir():
         raise SourceError(f"image folder {printable(str(images))} does not exist or is not a folder")
-    label_paths = [_resolve_label_path(images, p) for p in labels]
+    folders = layout.image_folders(images, source) if layout else [images]
+    if labels or not layout:
+        label_paths = [_resolve_label_path(images, p) for p in labels]
+    else:
+        label_paths = layout.label_files(images, source)
     rows: list[_LabelRow] = []
     for path in label_paths:
         rows.extend(_READERS[source](path))
-    files = list_input_files(images, exclude=label_paths)
-    report = _join(source, images, files, rows, id_from)
+    files = sorted(f for folder in folders for f in list_input_files(folder, exclude=label_paths))
+    report = _join(source, images, files, rows, id_from, layout.sets if layout else {})
     report.label_files = label_paths
     report.fingerprint = _fingerprint(source, id_from, images, files, label_paths)
     return report
@@ -187,11 +261,20 @@ def _id_text(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+def _read_text(path: Path) -> str:
     text, encoding = decode_text(path.read_bytes())
     if encoding != TEXT_ENCODINGS[0]:
         log.warning("%s is not UTF-8: read as %s", path, encoding)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return text
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a label CSV, headers and cells stripped (IDRiD's header ends in a space).
+
+    Rows whose every cell is empty are skipped like empty lines: spreadsheets pad a sheet with
+    them (``,,,``), and they name no image.
+    """
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in required if c not in header]
     if missing:
@@ -200,8 +283,12 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str
             f"(expected {', '.join(required)})"
         )
     reader.fieldnames = header
-    # line numbers as a person counts them in the file (the header is line 1)
-    return [(i + 2, {k: (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
+    rows = []
+    for raw in reader:
+        row = {k: (v or "").strip() for k, v in raw.items() if k}
+        if any(row.values()):
+            rows.append((reader.line_num, row))  # the line as a person counts it (header: 1)
+    return rows
 
 
 def _read_eyepacs(path: Path) -> list[_LabelRow]:
@@ -222,7 +309,8 @@ def _read_messidor2(path: Path) -> list[_LabelRow]:
         if gradable not in ("1", "1.0", "True", "true"):
             skip = f"ungradable (adjudicated_gradable={gradable or 'empty'} in {path.name}:{line})"
         rows.append(_LabelRow(row["image_id"], row["adjudicated_dr_grade"],
-                              f"{path.name}:{line}", "test", skip, "ungradable" if skip else None))
+                              f"{path.name}:{line}", "test", skip, "ungradable" if skip else None,
+                              row.get("adjudicated_dme", "")))
     return rows
 
 
@@ -240,19 +328,81 @@ def _read_folder(path: Path) -> list[_LabelRow]:
     return rows
 
 
-_READERS = {"eyepacs": _read_eyepacs, "messidor2": _read_messidor2, "folder": _read_folder}
+def _read_aptos(path: Path) -> list[_LabelRow]:
+    """APTOS 2019: train.csv (id_code,diagnosis); test.csv (id_code only) lists the unlabeled pool.
+
+    The test images' grades were never published (Kaggle scored submissions with them), so
+    they can test nothing; they are fundus photographs without labels, which is what the
+    semi-supervised stages learn from: split train, grade null. A model is tested on labeled
+    images (a --test-fraction of train.csv's, or another data set).
+    """
+    if "test" in path.name.lower():
+        return [_LabelRow(row["id_code"], "", f"{path.name}:{line}", "train")
+                for line, row in _read_csv(path, ("id_code",))]
+    return [_LabelRow(row["id_code"], row["diagnosis"], f"{path.name}:{line}", "train")
+            for line, row in _read_csv(path, ("id_code", "diagnosis"))]
+
+
+def _read_idrid(path: Path) -> list[_LabelRow]:
+    """IDRiD disease grading: 'Image name,Retinopathy grade,Risk of macular edema ' (a trailing
+    space, then empty columns; CRLF), names without extension. The file's set is the split:
+    the Testing Labels name the testing set's images, whose names repeat the training set's.
+    """
+    split = "test" if "test" in path.name.lower() else "train"
+    return [
+        _LabelRow(row["Image name"], row["Retinopathy grade"], f"{path.name}:{line}", split,
+                  dme_text=row["Risk of macular edema"])
+        for line, row in _read_csv(path, ("Image name", "Retinopathy grade", "Risk of macular edema"))
+    ]
+
+
+DDR_UNGRADABLE = "5"
+
+
+def _read_ddr(path: Path) -> list[_LabelRow]:
+    """DDR grading lists (train.txt, valid.txt, test.txt): '<name>.jpg <grade>' per line, the
+    list's name the split (valid: val). Grade 5 is DDR's 'ungradable': rejected, counted. DDR
+    grades every image it lists, so a line without a grade is a bad_grade, not an unlabeled image."""
+    split = SPLITS.get(path.stem.lower(), "train")
+    rows = []
+    for line, entry in enumerate(_read_text(path).splitlines(), start=1):
+        fields = entry.rsplit(None, 1)  # a name with spaces keeps them: the grade is the last field
+        if not fields:
+            continue
+        where = f"{path.name}:{line}"
+        if len(fields) == 1:
+            rows.append(_LabelRow(fields[0], "", where, split, f"no grade on the line ({where})", "bad_grade"))
+            continue
+        name, grade = fields
+        skip = f"ungradable (grade {DDR_UNGRADABLE} in {where})" if grade == DDR_UNGRADABLE else None
+        rows.append(_LabelRow(name, grade, where, split, skip, "ungradable" if skip else None))
+    return rows
+
+
+_READERS = {"eyepacs": _read_eyepacs, "messidor2": _read_messidor2, "folder": _read_folder,
+            "aptos": _read_aptos, "idrid": _read_idrid, "ddr": _read_ddr}
 
 
 def parse_grade(text: str) -> tuple[int | None, str | None]:
     """A DR grade 0-4 from CSV text, None for an empty one (unlabeled), or (None, reason)."""
+    return _parse_level(text, 4, "grade")
+
+
+def parse_dme(text: str) -> tuple[int | None, str | None]:
+    """A risk of macular oedema 0-2 (IDRiD's scale; Messidor-2's 0-1 fits it), None for an
+    empty one (not graded), or (None, reason)."""
+    return _parse_level(text, 2, "macular-oedema risk")
+
+
+def _parse_level(text: str, top: int, what: str) -> tuple[int | None, str | None]:
     if not text:
         return None, None
     try:
         value = float(text)
     except ValueError:
-        return None, f"grade {text!r} is not a number"
-    if not value.is_integer() or not 0 <= value <= 4:
-        return None, f"grade {text} is outside 0-4"
+        return None, f"{what} {text!r} is not a number"
+    if not value.is_integer() or not 0 <= value <= top:
+        return None, f"{what} {text} is outside 0-{top}"
     return int(value), None
 
 
@@ -261,13 +411,14 @@ def parse_grade(text: str) -> tuple[int | None, str | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow], id_from: str) -> SourceReport:
-    labels, duplicates = _merge_label_rows(rows, id_from)
+def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow], id_from: str,
+          sets: dict[str, str]) -> SourceReport:
+    labels, duplicates = _merge_label_rows(rows, id_from, sets)
     items: list[InputItem] = []
     first_file: dict[str, Path] = {}
     for path in files:
-        image_id = file_id(path, root, id_from)
-        split = _folder_split(path, root)
+        split = _folder_split(path, root, sets)
+        image_id = _in_set(file_id(path, root, id_from), split, sets)
         if not is_image_file(path):
             # not an image drray reads: never matched to a label row, never an id's first file
             items.append(InputItem(image_id, str(path), None, split, source, unsupported_reason(path),
@@ -277,12 +428,13 @@ def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow], id_
                                    _duplicate(first_file[image_id], id_from), "duplicate_image"))
         else:
             first_file[image_id] = path
-            grade, label_split, problem, kind = labels.get(image_id, (None, split, None, None))
-            items.append(InputItem(image_id, str(path), grade, label_split, source, problem, kind))
-    for image_id, (_, split, problem, _) in sorted(labels.items()):
+            label = labels.get(image_id, _Label(None, None, split))
+            items.append(InputItem(image_id, str(path), label.grade, label.split, source, label.problem,
+                                   label.kind, label.dme))
+    for image_id, label in sorted(labels.items()):
         if image_id not in first_file:
-            where = problem or "label row"
-            items.append(InputItem(image_id, None, None, split, source,
+            where = label.problem or "label row"
+            items.append(InputItem(image_id, None, None, label.split, source,
                                    f"image missing: no image file for this id under {printable(str(root))} "
                                    f"({where})", "image_missing"))
     return SourceReport(items, label_rows=len(rows), duplicate_label_rows=duplicates)
@@ -301,43 +453,59 @@ def _duplicate(first: Path, id_from: str) -> str:
     return f"duplicate image id: {printable(str(first))} has the same name, in the same folder"
 
 
-def _merge_label_rows(rows: list[_LabelRow], id_from: str) -> tuple[dict[str, tuple], int]:
-    """id -> (grade, split, problem, problem kind); agreeing duplicates merge, conflicting reject.
-
-    An empty grade says nothing: an id whose rows all have one is unlabeled, and one row with a
-    grade labels it.
-    """
+def _merge_label_rows(rows: list[_LabelRow], id_from: str,
+                      sets: dict[str, str]) -> tuple[dict[str, _Label], int]:
+    """id -> its merged label; agreeing duplicates merge, conflicting ones reject."""
     by_id: dict[str, list[_LabelRow]] = defaultdict(list)
     for row in rows:
-        by_id[label_id(row.name, id_from)].append(row)
-    merged, duplicates = {}, 0
-    for image_id, group in by_id.items():
-        duplicates += len(group) - 1
-        first = group[0]
-        skipped = [r for r in group if r.skip_reason]
-        if skipped:
-            merged[image_id] = (None, first.split, skipped[0].skip_reason, skipped[0].skip_kind)
-            continue
-        parsed = [(parse_grade(r.grade_text), r) for r in group]
-        bad = [(reason, r) for (g, reason), r in parsed if reason]
-        if bad:
-            reason, r = bad[0]
-            merged[image_id] = (None, first.split, f"{reason} ({r.where})", "bad_grade")
-            continue
-        grades = sorted({g for (g, _), _ in parsed if g is not None})
-        if len(grades) > 1:
-            places = ", ".join(r.where for r in group)
-            merged[image_id] = (None, first.split,
-                                f"conflicting grades {' and '.join(map(str, grades))} for this id ({places})",
-                                "conflicting_grades")
-            continue
-        merged[image_id] = (grades[0] if grades else None, first.split, None, None)
-    return merged, duplicates
+        by_id[_in_set(label_id(row.name, id_from), row.split, sets)].append(row)
+    merged = {image_id: _merge_group(group) for image_id, group in by_id.items()}
+    return merged, sum(len(group) - 1 for group in by_id.values())
 
 
-def _folder_split(path: Path, root: Path) -> str:
-    """An unlabeled image's split from the folder it sits in (train/, val/, test/), else train."""
+def _merge_group(group: list[_LabelRow]) -> _Label:
+    split = group[0].split
+    skipped = [r for r in group if r.skip_reason]
+    if skipped:
+        return _Label(None, None, split, skipped[0].skip_reason, skipped[0].skip_kind)
+    grade, problem = _agreed(group, [r.grade_text for r in group], parse_grade, "grades")
+    dme, dme_problem = _agreed(group, [r.dme_text for r in group], parse_dme, "macular-oedema risks")
+    if problem or dme_problem:
+        return _Label(None, None, split, *(problem or dme_problem))
+    return _Label(grade, dme, split)
+
+
+def _agreed(group: list[_LabelRow], texts: list[str], parse: Callable,
+            what: str) -> tuple[int | None, tuple[str, str] | None]:
+    """The value an id's rows agree on, and None or (problem, kind): a bad value, or two values.
+
+    An empty value says nothing: an id whose rows all have one has none, and one row with a
+    value gives it.
+    """
+    parsed = [parse(text) for text in texts]
+    for (_, reason), row in zip(parsed, group, strict=True):
+        if reason:
+            return None, (f"{reason} ({row.where})", "bad_grade")
+    values = sorted({v for v, _ in parsed if v is not None})
+    if len(values) > 1:
+        places = ", ".join(r.where for r in group)
+        return None, (f"conflicting {what} {' and '.join(map(str, values))} for this id ({places})",
+                      "conflicting_grades")
+    return (values[0] if values else None), None
+
+
+def _in_set(image_id: str, split: str, sets: dict[str, str]) -> str:
+    """In a layout whose sets reuse file names (IDRiD), an id names its set: train/IDRiD_001,
+    test/IDRiD_001. Files and label rows get the same rule, so they still match."""
+    return f"{split}/{image_id}" if sets else image_id
+
+
+def _folder_split(path: Path, root: Path, sets: dict[str, str]) -> str:
+    """An unlabeled image's split from the folder it sits in (a layout's set folder, or train/,
+    val/, test/), else train."""
     for part in path.relative_to(root).parts[:-1]:
+        if part in sets:
+            return sets[part]
         if part.lower() in SPLITS:
             return SPLITS[part.lower()]
     return "train"

@@ -1,5 +1,10 @@
 """Train/test partitions and label-fraction sampling. Pure functions, seeded.
 
+Partitions are drawn over patients: both eyes of a patient land on the same side, so a test
+image's other eye never trained the model. A partition travels as a CSV ``image_id,split``
+with a manifest beside it (:func:`write_partition`): the seed, the test fraction, the counts and
+the SHA-256 of its sorted ids, so whoever reads the file can check it is the one described.
+
 Label sampling is *nested*: for a given seed, every image gets a fixed position in one ordering,
 and a labeled subset is a prefix of it. The subset for 1% is therefore contained in the subset
 for 2%, so a label-fraction sweep compares like with like. The validation subset is taken from
@@ -10,13 +15,24 @@ fraction leaves room for it) and never overlaps the labeled subset.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import math
-from collections.abc import Sequence
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from drray.artifacts import NotOurOutput, atomic_write_json, atomic_write_text, sha256_file
+
 POSITIVE_MIN_GRADE = {"referable": 2, "any_dr": 1}
+# EyePACS names an image <patient>_<eye>: 10_left and 10_right are patient 10's two eyes.
+EYEPACS_EYE = re.compile(r"(\d+)_(?:left|right)")
+PARTITION_WHAT = "partition"  # the manifest's "what": a partition drray wrote
 
 
 class SamplingError(ValueError):
@@ -33,35 +49,179 @@ def binary_target(grade: int, positive: str = "referable") -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_partition(ids: Sequence[str], test_fraction: float, seed: int) -> dict[str, str]:
-    """A seeded train/test partition of a pooled set (independent of the input order)."""
+def patient_of(image_id: str, patients: Mapping[str, str] | None = None) -> str:
+    """An image's patient: the one a patients file gives, else EyePACS's (10_left -> 10), else
+    the image is its own patient.
+
+    Two rules may name the same patient for different images (an image '10' and EyePACS's
+    patient 10): they are then kept together, which makes a partition stricter, never leakier.
+    """
+    if patients and image_id in patients:
+        return patients[image_id]
+    eye = EYEPACS_EYE.fullmatch(image_id)
+    return eye.group(1) if eye else image_id
+
+
+def random_partition(ids: Sequence[str], test_fraction: float, seed: int,
+                     patients: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A seeded train/test partition of a pooled set, drawn over patients (:func:`patient_of`):
+    ``test_fraction`` of the patients, with all their images, are test. Independent of the
+    input order; with one image per patient, the same draw as over images."""
     if not 0.0 < test_fraction < 1.0:
         raise SamplingError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-    ordered = sorted(ids)
+    patient = {i: patient_of(i, patients) for i in sorted(set(ids))}
+    ordered = sorted(set(patient.values()))
     perm = np.random.default_rng([seed, 7]).permutation(len(ordered))
     n_test = round(len(ordered) * test_fraction)
     test = {ordered[i] for i in perm[:n_test]}
-    return {i: ("test" if i in test else "train") for i in ordered}
+    return {i: ("test" if p in test else "train") for i, p in patient.items()}
 
 
 def read_partition(path: str | Path) -> dict[str, str]:
-    """A partition file: CSV with columns image_id,split (e.g. the Voets et al. partition)."""
+    """A partition file: CSV with columns image_id,split (e.g. the Voets et al. partition).
+
+    When the manifest ``drray partition`` wrote lies beside it, the file must hold the ids and
+    splits that manifest records (:func:`check_partition`).
+    """
+    mapping = _read_id_csv(path, "split", "partition file", "is in two splits")
+    check_partition(path, mapping)
+    return mapping
+
+
+def read_patients(path: str | Path) -> dict[str, str]:
+    """A patients file: CSV image_id,patient_id."""
+    return _read_id_csv(path, "patient_id", "patients file", "has two patients")
+
+
+def _read_id_csv(path: str | Path, column: str, what: str, conflict: str) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
-        raise SamplingError(f"partition file {path} not found")
+        raise SamplingError(f"{what} {path} not found")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"image_id", "split"} <= set(reader.fieldnames):
-            raise SamplingError(f"{path}: expected columns image_id,split; found {reader.fieldnames}")
+        if not reader.fieldnames or not {"image_id", column} <= set(reader.fieldnames):
+            raise SamplingError(f"{path}: expected columns image_id,{column}; found {reader.fieldnames}")
         out: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
-            image_id, split = row["image_id"].strip(), row["split"].strip()
-            if not image_id or not split:
-                raise SamplingError(f"{path}:{line}: empty image_id or split")
-            if out.get(image_id, split) != split:
-                raise SamplingError(f"{path}:{line}: {image_id} is in two splits")
-            out[image_id] = split
+            image_id, value = (row["image_id"] or "").strip(), (row[column] or "").strip()
+            if not image_id or not value:
+                raise SamplingError(f"{path}:{line}: empty image_id or {column}")
+            if out.get(image_id, value) != value:
+                raise SamplingError(f"{path}:{line}: {image_id} {conflict}")
+            out[image_id] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Partition files and their manifests
+# ---------------------------------------------------------------------------------------------
+
+
+def partition_manifest_path(path: str | Path) -> Path:
+    """The manifest beside a partition file: partition.csv -> partition.manifest.json."""
+    return Path(path).with_suffix(".manifest.json")
+
+
+def lines_sha256(lines: Iterable[str]) -> str:
+    """SHA-256 of the lines sorted, each ending in a newline, UTF-8. For a partition's ids it is
+    ``tail -n +2 FILE | cut -d, -f1 | LC_ALL=C sort | sha256sum`` (ids without commas or quotes)."""
+    h = hashlib.sha256()
+    for line in sorted(lines):
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _hashes(mapping: Mapping[str, str]) -> dict[str, str]:
+    """The ids' hash (drawn over the same images?) and the assignment's (the same partition?)."""
+    return {"ids_sha256": lines_sha256(mapping),
+            "assignment_sha256": lines_sha256(f"{i},{s}" for i, s in mapping.items())}
+
+
+def _own_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(manifest, dict) and manifest.get("written_by") == "drray" and manifest.get("what") == PARTITION_WHAT
+    return manifest if ours else None
+
+
+def check_partition(path: str | Path, mapping: Mapping[str, str]) -> None:
+    """Raise unless ``mapping`` (read from ``path``) is the partition its manifest records; a
+    file without a drray manifest beside it (the Voets et al. file) is taken as it is."""
+    manifest_path = partition_manifest_path(path)
+    manifest = _own_manifest(manifest_path)
+    if manifest is None:
+        return
+    got = _hashes(mapping)
+    for key, what in (("ids_sha256", "ids"), ("assignment_sha256", "splits")):
+        if got[key] != manifest.get(key):
+            raise SamplingError(
+                f"partition file {path}: its {what} are not the ones {manifest_path.name} records "
+                f"({key} {got[key][:12]}..., recorded {str(manifest.get(key))[:12]}...): the file was edited, "
+                f"cut short or belongs to another partition. Rebuild it with drray partition (seed "
+                f"{manifest.get('seed')}, test fraction {manifest.get('test_fraction')}), or remove "
+                f"{manifest_path.name} to use the file as it is")
+
+
+def check_partition_out(path: str | Path) -> None:
+    """A partition is written to a new path, or over drray's own earlier partition (its manifest
+    beside it, the CSV as drray wrote it): never over a file drray did not write."""
+    path = Path(path)
+    manifest_path = partition_manifest_path(path)
+    if path.is_symlink() or path.is_dir() or manifest_path.is_symlink() or manifest_path.is_dir():
+        raise NotOurOutput(f"--out {path}: it or {manifest_path.name} is a folder or a link: choose a new file name")
+    if not path.exists() and not manifest_path.exists():
+        return
+    manifest = _own_manifest(manifest_path)
+    if manifest is None:
+        there = manifest_path if manifest_path.exists() else path
+        raise NotOurOutput(f"--out {path}: {there} exists and is not a partition drray wrote: choose a new "
+                           f"file name (drray never overwrites a file it did not write)")
+    if path.exists():
+        try:
+            got = _hashes(_read_id_csv(path, "split", "partition file", "is in two splits"))
+            same = all(manifest.get(key) == value for key, value in got.items())
+        except SamplingError:
+            same = False
+        if not same:
+            raise NotOurOutput(f"--out {path} was changed since drray wrote it (it no longer matches "
+                               f"{manifest_path.name}): choose a new file name, or move it away first")
+
+
+def write_partition(path: str | Path, mapping: Mapping[str, str], *, seed: int, test_fraction: float,
+                    patients: Mapping[str, str] | None = None, patients_file: str | Path | None = None,
+                    drawn_from: dict | None = None) -> dict:
+    """Write ``mapping`` as CSV image_id,split (sorted by id) and its manifest beside it; return
+    the manifest. Refuses a path holding a file drray did not write (:func:`check_partition_out`)."""
+    import drray
+
+    path = Path(path)
+    check_partition_out(path)
+    patient = {i: patient_of(i, patients) for i in mapping}
+    patient_split = {patient[i]: s for i, s in mapping.items()}
+    manifest = {
+        "written_by": "drray", "what": PARTITION_WHAT, "drray_version": drray.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "file": path.name, "seed": seed, "test_fraction": test_fraction,
+        "grouping": "patient: the patients file's, else EyePACS <n>_left/<n>_right -> <n>, else the image",
+        "patients_file": {"path": str(patients_file), "sha256": sha256_file(patients_file)} if patients_file else None,
+        "drawn_from": drawn_from or {},
+        "counts": {
+            "images": len(mapping), "patients": len(patient_split),
+            "by_split": dict(sorted(Counter(mapping.values()).items())),
+            "patients_by_split": dict(sorted(Counter(patient_split.values()).items())),
+        },
+        **_hashes(mapping),
+        "hash_rule": "SHA-256 of the sorted lines (ids; id,split), each ending in a newline, UTF-8",
+    }
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["image_id", "split"])
+    writer.writerows(sorted(mapping.items()))
+    atomic_write_text(path, text.getvalue())
+    atomic_write_json(partition_manifest_path(path), manifest)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------

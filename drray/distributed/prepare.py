@@ -68,8 +68,9 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
     """
     report = collect_inputs(source, images, labels, id_from)
     check_output(out, images, report.label_files)
+    # "grouping": --test-fraction draws over patients now; a set drawn over images is redone
     split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
-                  "test_fraction": test_fraction, "seed": seed}
+                  "test_fraction": test_fraction, "seed": seed, "grouping": "patient"}
     fingerprint = hashlib.sha256(f"{report.fingerprint}{split_rule}".encode()).hexdigest()
     if reuse_current:
         current = _current_manifest(out, params, fingerprint)
@@ -102,10 +103,12 @@ def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) 
 
 def _with_splits(items: list[InputItem], partition: str | None, test_fraction: float | None,
                  seed: int) -> list[InputItem]:
-    """Override the source's own splits with a partition file or a seeded random partition.
+    """Override the source's own splits with a partition file (checked against the manifest
+    ``drray partition`` wrote beside it, if any) or a seeded random partition by patient.
 
     The random partition is drawn over the inputs that can be prepared, so that a stray file or
-    label row (a reject) added to the data set does not move images between train and test.
+    label row (a reject) added to the data set does not move images between train and test;
+    ``drray partition --source`` draws over the same ids, so the two agree.
     """
     if partition and test_fraction is not None:
         raise ValueError("give either a partition file or a test fraction, not both")
@@ -166,8 +169,8 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
                for i in items if i.reject]
     # paths travel as bytes: a file name that is not UTF-8 is no Arrow string (prepare_rows)
     todo = [
-        {"image_id": i.image_id, "path": os.fsencode(i.path), "grade": i.grade, "source": i.source,
-         "split": i.split}
+        {"image_id": i.image_id, "path": os.fsencode(i.path), "grade": i.grade, "dme": i.dme,
+         "source": i.source, "split": i.split}
         for i in items if not i.reject
     ]
     prepared_rows: list[dict] = []

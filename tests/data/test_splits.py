@@ -1,18 +1,27 @@
 """Partitions and nested, seeded label sampling."""
 
+import hashlib
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from drray.artifacts import NotOurOutput
 from drray.data.splits import (
     SamplingError,
     binary_target,
+    check_partition_out,
     label_order,
+    patient_of,
     random_partition,
     read_partition,
+    read_patients,
     sample_labeled,
+    write_partition,
 )
+from jobs.cli import main
 
 
 @pytest.fixture
@@ -114,3 +123,111 @@ def test_partition_file(tmp_path):
     path.write_text("id,part\na,train\n")
     with pytest.raises(SamplingError, match="image_id,split"):
         read_partition(path)
+
+
+def test_a_patients_eyes_stay_together():
+    ids = [f"{p}_{eye}" for p in range(300) for eye in ("left", "right")] + ["IM000123", "IM000124"]
+    part = random_partition(ids, 0.2, seed=4)
+    for p in range(300):
+        assert part[f"{p}_left"] == part[f"{p}_right"]
+    assert Counter(part.values())["test"] == 2 * 60  # 20% of the 302 patients, 60 of them pairs
+    assert patient_of("10_left") == "10" and patient_of("10_lefty") == "10_lefty"
+    # a patients file groups what the names do not show (and overrides them)
+    patients = {"IM000123": "p1", "IM000124": "p1", "3_left": "x", "3_right": "y"}
+    for seed in range(20):
+        grouped = random_partition(ids, 0.5, seed=seed, patients=patients)
+        assert grouped["IM000123"] == grouped["IM000124"]
+    apart = [random_partition(ids, 0.5, s, patients) for s in range(20)]
+    assert any(part["3_left"] != part["3_right"] for part in apart)  # two patients now: sometimes apart
+
+
+def test_one_image_per_patient_draws_as_over_images():
+    """The draw drray made before it grouped by patient, for sets whose ids name no patient."""
+    ids = [f"img{i:04d}" for i in range(500)]
+    ordered = sorted(ids)
+    perm = np.random.default_rng([3, 7]).permutation(len(ordered))
+    test = {ordered[i] for i in perm[:round(500 * 0.3)]}
+    assert random_partition(ids, 0.3, seed=3) == {i: "test" if i in test else "train" for i in ordered}
+
+
+def test_partition_file_round_trip_and_hash_check(tmp_path):
+    ids = [f"{p}_{eye}" for p in range(50) for eye in ("left", "right")]
+    out = tmp_path / "p.csv"
+    mapping = random_partition(ids, 0.2, seed=1)
+    manifest = write_partition(out, mapping, seed=1, test_fraction=0.2, drawn_from={"prepared": "x"})
+    assert read_partition(out) == mapping
+    beside = json.loads((tmp_path / "p.manifest.json").read_text())
+    assert beside == manifest and (beside["seed"], beside["test_fraction"]) == (1, 0.2)
+    assert beside["counts"] == {"images": 100, "patients": 50, "by_split": {"test": 20, "train": 80},
+                                "patients_by_split": {"test": 10, "train": 40}}
+    # the ids' hash is the shell's: tail -n +2 p.csv | cut -d, -f1 | LC_ALL=C sort | sha256sum
+    column = sorted(line.split(",")[0] for line in out.read_text().splitlines()[1:])
+    assert beside["ids_sha256"] == hashlib.sha256("".join(f"{i}\n" for i in column).encode()).hexdigest()
+    # rows reordered and CRLF (a spreadsheet saved it): still the same partition
+    lines = out.read_text().splitlines()
+    out.write_text("\r\n".join([lines[0]] + lines[:0:-1]) + "\r\n")
+    assert read_partition(out) == mapping
+    out.write_text("\n".join(lines[:-1]) + "\n")  # cut short
+    with pytest.raises(SamplingError, match="its ids are not the ones p.manifest.json records"):
+        read_partition(out)
+    first_id, first_split = lines[1].split(",")
+    flipped = {"train": "test", "test": "train"}[first_split]
+    out.write_text("\n".join([lines[0], f"{first_id},{flipped}"] + lines[2:]) + "\n")
+    with pytest.raises(SamplingError, match="its splits are not the ones"):
+        read_partition(out)
+    (tmp_path / "p.manifest.json").unlink()  # without the manifest a file is taken as it is
+    assert read_partition(out)[first_id] == flipped
+
+
+def test_a_partition_never_overwrites_a_file_drray_did_not_write(tmp_path):
+    users = tmp_path / "voets.csv"
+    users.write_text("image_id,split\na,train\n")
+    with pytest.raises(NotOurOutput, match="is not a partition drray wrote"):
+        check_partition_out(users)
+    (tmp_path / "mine.manifest.json").write_text("{}")  # a user's file where the manifest would go
+    with pytest.raises(NotOurOutput, match="mine.manifest.json exists and is not a partition drray wrote"):
+        check_partition_out(tmp_path / "mine.csv")
+    out = tmp_path / "p.csv"
+    write_partition(out, {"a": "train", "b": "test"}, seed=0, test_fraction=0.5)
+    write_partition(out, {"a": "test", "b": "train"}, seed=1, test_fraction=0.5)  # its own: replaced
+    assert read_partition(out) == {"a": "test", "b": "train"}
+    out.write_text("image_id,split\na,test\nb,test\n")  # edited by hand: the user's now
+    with pytest.raises(NotOurOutput, match="was changed since drray wrote it"):
+        write_partition(out, {"a": "train", "b": "test"}, seed=0, test_fraction=0.5)
+    assert out.read_text() == "image_id,split\na,test\nb,test\n"
+
+
+def test_patients_file(tmp_path):
+    path = tmp_path / "patients.csv"
+    path.write_text("image_id,patient_id\na,1\nb,1\n")
+    assert read_patients(path) == {"a": "1", "b": "1"}
+    path.write_text("image_id,patient_id\na,1\na,2\n")
+    with pytest.raises(SamplingError, match="a has two patients"):
+        read_patients(path)
+
+
+def test_partition_command_on_a_raw_data_set(tmp_path):
+    """drray partition --source draws over the ids drray prepare --test-fraction draws over."""
+    images = tmp_path / "eyepacs"
+    for name in ["10_left", "10_right", "11_left", "11_right", "12_left", "12_right", "13_left"]:
+        (images / "train").mkdir(parents=True, exist_ok=True)
+        (images / "train" / f"{name}.jpeg").write_bytes(b"x")
+    (images / "train" / "notes.txt").write_text("a reject: not partitioned")
+    (images / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,1\n")
+    out = tmp_path / "parts" / "eyepacs.csv"
+    args = ["partition", "--source", "eyepacs", "--images", str(images), "--labels", "trainLabels.csv",
+            "--test-fraction", "0.5", "--seed", "2", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    ids = ["10_left", "10_right", "11_left", "11_right", "12_left", "12_right", "13_left"]
+    expected = random_partition(ids, 0.5, seed=2)
+    assert read_partition(out) == expected
+    counts = Counter(expected.values())
+    assert f"{counts['train']} train / {counts['test']} test images (2 / 2 patients)" in result.output
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["drawn_from"]["source"] == "eyepacs" and manifest["patients_file"] is None
+    assert CliRunner().invoke(main, args).exit_code == 0  # its own output: rewritten
+    inside = CliRunner().invoke(main, args[:-1] + [str(images / "p.csv")])
+    assert inside.exit_code != 0 and "lies inside --images" in inside.output
+    neither = CliRunner().invoke(main, ["partition", "--test-fraction", "0.5", "--out", str(out)])
+    assert neither.exit_code != 0 and "give --prepared DIR, or --source and --images" in neither.output
