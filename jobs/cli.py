@@ -519,19 +519,25 @@ def cancel(job_id: str) -> None:
               help="Referable when prob >= this (default: the operating point stored with the model).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images prepared and scored together (memory grows with it).")
-def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, batch_size: int) -> None:
+@click.option("--patients", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="CSV image_id,patient_id naming each image's patient. Without it (and for ids it lacks) "
+                   "EyePACS-style 10_left/10_right are patient 10, any other image its own patient.")
+def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, batch_size: int,
+            patients: Path | None) -> None:
     """Screen raw fundus photographs: a referral decision for every file.
 
     The images get the preprocessing the model was trained with (fundus detection, centring,
     resize). Each row says refer / no referral at the model's operating point (named in the
     row), or "ungradable: retake or refer" with the reason for a photograph that cannot be
     graded; grayscale and red-free photographs are flagged in the warning column. Every row
-    names the model and the SHA-256 of its weights.
+    names the model and the SHA-256 of its weights. OUT.patients.csv (or .parquet) beside it
+    decides per patient from the worse eye; a patient with an ungradable image is never cleared.
     """
     from jobs.predict import run as predict_images
 
     try:
-        summary = predict_images(model_dir, images, out, batch_size=batch_size, threshold=threshold)
+        summary = predict_images(model_dir, images, out, batch_size=batch_size, threshold=threshold,
+                                 patients=patients)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     reasons = ", ".join(f"{k} {v}" for k, v in summary["not_graded"].items())
@@ -544,7 +550,8 @@ def predict(model_dir: Path, images: Path, out: Path, threshold: float | None, b
                    f"(grade them by hand)", err=True)
     click.echo(f"threshold {summary['threshold']:.3f}: {summary['threshold_source']}")
     click.echo(f"model {summary['model']} (weights sha256 {summary['model_sha256'][:12]}...)")
-    click.echo(f"wrote {summary['out']}")
+    click.echo("patients: " + ", ".join(f"{n} {decision}" for decision, n in sorted(summary["patients"].items())))
+    click.echo(f"wrote {summary['out']} (per image) and {summary['patients_out']} (per patient, worse eye)")
 
 
 @main.command()

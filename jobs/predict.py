@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +27,28 @@ import pyarrow.parquet as pq
 from drray.artifacts import NotOurOutput, sha256_file
 from drray.data.prepare import PrepareParams, prepare_rows
 from drray.data.sources import list_input_files, printable
+from drray.data.splits import patient_of, read_patients
 from drray.data.transforms import decode_to_tensor
 from drray.engine.checkpoint import classifier_meta
 from drray.progress import Progress
 
 log = logging.getLogger(__name__)
-SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("decision", pa.string()),
+SCHEMA = pa.schema([("image_id", pa.string()), ("patient_id", pa.string()), ("path", pa.string()),
+                    ("decision", pa.string()),
                     ("prob", pa.float32()), ("referable", pa.bool_()), ("threshold", pa.float32()),
                     ("operating_point", pa.string()), ("status", pa.string()), ("reason", pa.string()),
                     ("warning", pa.string()), ("model", pa.string()), ("model_sha256", pa.string())])
 # Tables written by earlier drray versions: --out may replace them (they are drray's).
 EARLIER_COLUMNS = (["image_id", "path", "prob", "referable", "threshold", "status", "reason"],)
+# One row per patient (worse eye), beside the per-image table: OUT.patients.csv / .parquet.
+PATIENT_SCHEMA = pa.schema([("patient_id", pa.string()), ("decision", pa.string()), ("images", pa.int32()),
+                            ("graded", pa.int32()), ("ungradable", pa.int32()), ("max_prob", pa.float32()),
+                            ("worse_image", pa.string()), ("threshold", pa.float32()),
+                            ("operating_point", pa.string()), ("model", pa.string()), ("model_sha256", pa.string())])
 FORMATS = (".csv", ".parquet")
 REFER, NO_REFERRAL, UNGRADABLE = "refer", "no referral", "ungradable: retake or refer"
 NOT_A_PHOTOGRAPH = "not a photograph: no decision"
+REFER_UNGRADABLE = "refer: ungradable"  # a patient with an eye that could not be graded
 # Below this mean spread between colour channels (of 255) a photograph carries no colour.
 GRAYSCALE_CHROMA = 8.0
 
@@ -79,18 +88,21 @@ class ModelIdentity:
     sha256: str  # of model.pt: the weights that made the decision, checkable later
 
 
-def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshold: float | None = None) -> dict:
+def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshold: float | None = None,
+        patients: Path | None = None) -> dict:
     import torch
 
     from drray.engine.checkpoint import MODEL_FILE, load_model
 
     if out.suffix not in FORMATS:
         raise ValueError(f"--out {out}: write .csv or .parquet")
-    check_out_file(out)
+    check_out_file(out, SCHEMA)
+    check_out_file(patients_path(out), PATIENT_SCHEMA)
+    patient_map = read_patients(patients) if patients else None
     meta = classifier_meta(model_dir)
     point = operating_point(meta, threshold)
     params = preprocessing_of(meta)
-    files = list_input_files(images, exclude=[out])  # --out may sit in the folder it screens
+    files = list_input_files(images, exclude=[out, patients_path(out)] + ([patients] if patients else []))  # --out may sit in the folder it screens
     if not files:
         raise FileNotFoundError(f"--images {images}: no files found (hidden files aside)")
     identity = ModelIdentity(str(model_dir.resolve()), sha256_file(model_dir / MODEL_FILE))
@@ -105,8 +117,42 @@ def run(model_dir: Path, images: Path, out: Path, batch_size: int = 32, threshol
                                 params).to_pylist()
         rows += _screen(model, prepared, device, point, identity, images)
         progress(len(rows), len(files))
+    for row in rows:
+        row["patient_id"] = patient_of(row["image_id"], patient_map)
+    by_patient = patient_decisions(rows, point)
     _write(pa.Table.from_pylist(rows, schema=SCHEMA), out)
-    return _summary(rows, out, point)
+    _write(pa.Table.from_pylist(by_patient, schema=PATIENT_SCHEMA), patients_path(out))
+    return {**_summary(rows, out, point), "patients": dict(Counter(p["decision"] for p in by_patient)),
+            "patients_out": str(patients_path(out))}
+
+
+def patients_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.patients{out.suffix}")
+
+
+def patient_decisions(rows: list[dict], point: OperatingPoint) -> list[dict]:
+    """One decision per patient, from the worse eye: refer when any graded image refers; a
+    patient with an image that could not be graded is never cleared ("refer: ungradable"), as
+    screening programmes do; only then "no referral". Files that are not photographs do not count."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["decision"] != NOT_A_PHOTOGRAPH:
+            groups.setdefault(row["patient_id"], []).append(row)
+    out = []
+    for patient, images in sorted(groups.items()):
+        graded = [r for r in images if r["prob"] is not None]
+        worse = max(graded, key=lambda r: r["prob"], default=None)
+        ungradable = len(images) - len(graded)
+        if worse is not None and worse["decision"] == REFER:
+            decision = REFER
+        else:
+            decision = REFER_UNGRADABLE if ungradable else NO_REFERRAL
+        out.append({"patient_id": patient, "decision": decision, "images": len(images), "graded": len(graded),
+                    "ungradable": ungradable, "max_prob": worse["prob"] if worse else None,
+                    "worse_image": worse["image_id"] if worse else None, "threshold": point.threshold,
+                    "operating_point": point.name, "model": images[0]["model"],
+                    "model_sha256": images[0]["model_sha256"]})
+    return out
 
 
 def _screen(model, prepared: list[dict], device, point: OperatingPoint, identity: ModelIdentity,
@@ -154,14 +200,15 @@ def colour_warning(image: np.ndarray) -> str | None:
     return None
 
 
-def check_out_file(out: Path) -> None:
-    """``--out`` may be new or a table an earlier ``drray predict`` wrote (its exact columns);
+def check_out_file(out: Path, schema: pa.Schema) -> None:
+    """An output may be new or a table an earlier ``drray predict`` wrote (its exact columns);
     anything else there is the user's, and is never overwritten."""
     if not out.exists() and not out.is_symlink():
         return
-    if out.is_file() and not out.is_symlink() and _columns(out) in (SCHEMA.names, *EARLIER_COLUMNS):
+    earlier = EARLIER_COLUMNS if schema is SCHEMA else ()
+    if out.is_file() and not out.is_symlink() and _columns(out) in (schema.names, *earlier):
         return
-    raise NotOurOutput(f"--out {out} exists and is not a table drray predict wrote: choose a new file name "
+    raise NotOurOutput(f"{out} exists and is not a table drray predict wrote: choose another --out "
                        f"(drray never overwrites a file it did not write)")
 
 
@@ -186,8 +233,6 @@ def _write(table: pa.Table, out: Path) -> None:
 
 
 def _summary(rows: list[dict], out: Path, point: OperatingPoint) -> dict:
-    from collections import Counter
-
     decisions = Counter(r["decision"] for r in rows)
     return {"out": str(out), "images": len(rows), "referable": decisions[REFER], "not_referable": decisions[NO_REFERRAL],
             "ungradable": decisions[UNGRADABLE], "not_photographs": decisions[NOT_A_PHOTOGRAPH],

@@ -122,3 +122,36 @@ def test_colour_warning_reads_colour_not_brightness():
     gray = np.repeat(fundus[1:2], 3, axis=0)
     assert "grayscale" in colour_warning(gray)
     assert "red-free" in colour_warning(fundus[[2, 1, 2]])
+
+
+def test_a_patient_is_decided_by_the_worse_eye_and_never_cleared_with_an_ungradable_one(tmp_path, clinic):
+    import shutil
+
+    folder = tmp_path / "eyes"
+    folder.mkdir()
+    for name, source in (("7_left.jpg", "colour0.jpg"), ("7_right.jpg", "broken.jpg"), ("8_left.jpg", "colour0.jpg"),
+                         ("8_right.jpg", "colour1.jpg"), ("scan_a.jpg", "colour0.jpg"), ("scan_b.jpg", "colour1.jpg")):
+        shutil.copy(clinic / source, folder / name)
+    (folder / "notes.txt").write_text("not a photograph: not a patient's eye")
+    patients = tmp_path / "patients.csv"
+    patients.write_text("image_id,patient_id\nscan_a,A\nscan_b,A\n")
+    model = _model(tmp_path / "m")
+    out = tmp_path / "screening.csv"
+
+    def decide(threshold):
+        result = _predict(model, folder, out, "--threshold", str(threshold), "--patients", str(patients))
+        assert result.exit_code == 0, result.output
+        images = {r["image_id"]: r for r in pacsv.read_csv(out).to_pylist()}
+        assert images["7_left"]["patient_id"] == "7" and images["scan_b"]["patient_id"] == "A"
+        return {r["patient_id"]: r for r in pacsv.read_csv(tmp_path / "screening.patients.csv").to_pylist()}
+
+    never = decide(1.0)  # no probability reaches 1: every graded eye is "no referral"
+    assert set(never) == {"7", "8", "A"}  # notes.txt is no one's eye
+    assert never["7"]["decision"] == "refer: ungradable" and (never["7"]["graded"], never["7"]["ungradable"]) == (1, 1)
+    assert never["8"]["decision"] == NO_REFERRAL and never["8"]["images"] == 2
+    assert never["A"]["decision"] == NO_REFERRAL
+    always = decide(0.0)
+    assert {p: r["decision"] for p, r in always.items()} == {"7": REFER, "8": REFER, "A": REFER}
+    assert always["8"]["worse_image"] in ("8_left", "8_right")
+    assert always["8"]["max_prob"] == pytest.approx(max(r["prob"] for r in pacsv.read_csv(out).to_pylist()
+                                                        if r["patient_id"] == "8"), rel=1e-6)
