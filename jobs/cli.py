@@ -305,14 +305,15 @@ def failure_line(job: str, exc: Exception, log_file: Path) -> str:
     """What the console says when a job fails: the error a user can act on, in one line, out of
     Ray's wrappers (a worker's error arrives inside two or three); the traceback to the log."""
     log_only(f"{job} failed", exc_info=exc)
+    text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     if "ray" in sys.modules:
-        from drray.distributed.runtime import root_cause
+        from drray.distributed.runtime import describe, root_cause
 
         exc = root_cause(exc)
+        text = describe(exc)
     if isinstance(exc, (ValueError, FileNotFoundError)) and not type(exc).__name__.startswith("RayTaskError"):
         return f"{exc}"  # drray's own messages say what to do
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{job} failed: {type(exc).__name__}: {text} (traceback in {log_file})"
+    return f"{job} failed: {text} (traceback in {log_file})"
 
 
 # Jobs that load no weights to train from: their settings checks skip weight files.

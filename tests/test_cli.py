@@ -95,3 +95,23 @@ def test_every_command_and_option_explains_itself():
             yield from undocumented(sub, [*path, name])
 
     assert list(undocumented(main, ["drray"])) == []
+
+
+def test_an_actor_that_died_in_its_constructor_is_described_by_the_error_it_raised(ray_session):
+    from drray.distributed.runtime import describe, root_cause
+
+    @ray_session.remote
+    class Model:
+        def __init__(self):
+            raise IndentationError("expected an indented block (fundus.py, line 339)")
+
+        def ping(self):
+            return 1
+
+    try:
+        ray_session.get(Model.remote().ping.remote())
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the line must name the cause
+        assert describe(root_cause(exc)).endswith("expected an indented block (fundus.py, line 339)")
+        assert "IndentationError" in describe(root_cause(exc))
+    else:
+        raise AssertionError("the actor's constructor did not fail")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from drray.progress import keep_off_console
 
@@ -69,6 +70,22 @@ def root_cause(exc: BaseException) -> BaseException:
         else:
             break
     return exc
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` in one line. Some of Ray's errors carry their cause only as text (an
+    actor that died in ``__init__`` holds the remote traceback in its message): then the
+    traceback's last line, the error raised over there, is the one to show."""
+    text = str(exc).strip()
+    if type(exc).__module__.startswith("ray.") and "\n" in text:
+        raised = [m for m in _RAISED.finditer(text)]
+        if raised:
+            return raised[-1].group(0).strip()
+    return f"{type(exc).__name__}: {(text.splitlines() or [''])[0]}"
+
+
+# The last line of a Python traceback: "ValueError: ...", "ray.exceptions.X: ...".
+_RAISED = re.compile(r"^[ \t]*[A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b:[^\n]*$", re.MULTILINE)
 
 
 def _quiet_ray_data() -> None:
