@@ -30,7 +30,7 @@ from drray.data.shards import read_index, shard_paths
 from drray.data.transforms import AugmentSpec, decode_to_tensor, simclr_view
 from drray.engine.loop import make_scaler, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec
-from drray.engine.optim import build_optimizer, build_scheduler
+from drray.engine.optim import build_optimizer, build_scheduler, parameter_groups
 from drray.methods import SimCLR
 from drray.config import to_dict
 import pyarrow.parquet as pq
@@ -60,7 +60,7 @@ spec = ModelSpec("simclr", p.backbone, cfg.data.size, proj_hidden=p.proj_hidden,
 model = spec.build()
 if p.scaling.channels_last:
     model = model.to(memory_format=torch.channels_last)
-opt = build_optimizer(model.parameters(), p.optim.name, p.optim.lr, p.optim.weight_decay, p.optim.momentum)
+opt = build_optimizer(parameter_groups(model, p.optim.weight_decay), p.optim.name, p.optim.lr, p.optim.weight_decay, p.optim.momentum)
 steps = len(loader)
 sched = build_scheduler(opt, epochs * steps, p.optim.warmup_epochs * steps, p.optim.schedule)
 dtype = resolve_precision(p.scaling.precision, device)

@@ -32,10 +32,35 @@ def test_fixmatch_step_is_supervised_loss_when_nothing_is_confident():
     torch.nn.init.zeros_(model.net[1].weight)
     torch.nn.init.zeros_(model.net[1].bias)  # p = 0.5 everywhere: no unlabeled image passes tau
     batch = _batch(4, 8, ["u_weak", "u_strong"])
-    loss, n = FixMatch(threshold=0.95, lambda_u=1.0).step()(model, batch)
+    loss, n, stats = FixMatch(threshold=0.95, lambda_u=1.0).step()(model, batch)
     assert n == 4 and loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    assert stats["mask_rate"].item() == 0.0  # what metrics.jsonl shows as the epoch's mask_rate
     loss.backward()
     assert model.net[1].weight.grad is not None
+
+
+def test_fixmatch_reports_how_many_unlabeled_images_pass_the_threshold():
+    from drray.methods.fixmatch import pseudo_label_stats
+
+    logits = torch.tensor([4.0, -4.0, 0.1, 3.5, 0.0])  # p = 0.98, 0.02, 0.52, 0.97, 0.5
+    stats = pseudo_label_stats(logits, threshold=0.95)
+    assert stats["mask_rate"].item() == pytest.approx(3 / 5)
+    assert stats["masked_positive_rate"].item() == pytest.approx(2 / 3)
+
+
+def test_weight_decay_spares_batchnorm_and_biases():
+    from drray.engine.optim import parameter_groups
+    from drray.models.backbones import create_backbone
+
+    model = create_backbone("resnet18")
+    decayed, spared = parameter_groups(model, 5e-4)
+    assert decayed["weight_decay"] == 5e-4 and spared["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert {"bn1.weight", "bn1.bias", "layer1.0.bn2.weight", "layer2.0.downsample.1.bias"} <= spared_names
+    assert not any(name.endswith("conv1.weight") for name in spared_names)
+    assert {names[id(p)] for p in decayed["params"]} >= {"conv1.weight", "layer1.0.conv1.weight"}
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
 
 
 def test_mixmatch_step_ramps_its_unlabeled_weight_and_continues_after_resume():
@@ -45,11 +70,12 @@ def test_mixmatch_step_ramps_its_unlabeled_weight_and_continues_after_resume():
     method = MixMatch(temperature=0.5, alpha=0.75, lambda_u=100.0, rampup_steps=10, views=2)
     step = method.step(steps_done=0)
     torch.manual_seed(1)
-    first, n = step(model, batch)  # ramp 0: the labeled loss alone
+    first, n, stats = step(model, batch)  # ramp 0: the labeled loss alone
+    assert 0.5 <= stats["guess_confidence"].item() <= 1 and 0 <= stats["guess_positive_rate"].item() <= 1
     assert n == 4 and torch.isfinite(first)
     resumed = method.step(steps_done=10)
     torch.manual_seed(1)
-    full, _ = resumed(model, batch)  # same draws, ramp 1: adds 100 x the unlabeled MSE
+    full, *_ = resumed(model, batch)  # same draws, ramp 1: adds 100 x the unlabeled MSE
     assert full.item() > first.item()
 
 

@@ -73,7 +73,12 @@ def load_training_state(directory: str | Path, *, model, optimizer, scheduler, s
     load_strict(unwrap(model), torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True),
                 str(directory / MODEL_FILE))
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. one parameter group before 2026-12-01, two now
+        raise ValueError(f"{directory}: this checkpoint's optimizer state was written by an earlier drray "
+                         f"({exc}); it cannot be resumed: remove {directory.parent} (drray's own training "
+                         f"checkpoints) and the stage trains from its start") from exc
     if state["scheduler"]:
         scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:

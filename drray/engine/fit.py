@@ -33,7 +33,7 @@ from drray.engine.checkpoint import MODEL_LEGACY, load_training_state, save_chec
 from drray.engine.ema import EMA
 from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
-from drray.engine.optim import build_optimizer, build_scheduler
+from drray.engine.optim import build_optimizer, build_scheduler, parameter_groups
 from drray.engine.stopping import should_stop
 from drray.methods import Method
 
@@ -116,7 +116,8 @@ def fit(plan: FitPlan, runtime: Runtime) -> dict:
         model = model.to(memory_format=torch.channels_last)
     model = runtime.wrap(model)
     o = plan.optim
-    optimizer = build_optimizer(model.parameters(), o.name, o.lr, o.weight_decay, o.momentum, o.nesterov)
+    optimizer = build_optimizer(parameter_groups(model, o.weight_decay), o.name, o.lr, o.weight_decay, o.momentum,
+                                o.nesterov)
     scheduler = build_scheduler(optimizer, max(1, plan.epochs * plan.steps_per_epoch),
                                 o.warmup_epochs * plan.steps_per_epoch, o.schedule)
     device = runtime.device
@@ -289,7 +290,7 @@ def forget_after(out: StageDir, start: int) -> None:
 
 
 def brief(metrics: dict) -> str:
-    keys = ("loss", "val_auc", "images_per_s", "lr")
+    keys = ("loss", "val_auc", "mask_rate", "guess_positive_rate", "knn_auc", "images_per_s", "lr")
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
 
 

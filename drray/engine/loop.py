@@ -1,5 +1,7 @@
 """The training and prediction loop, shared by every stage. A stage supplies a step function
-``step(model, batch) -> (loss, n_images)``; the loop does precision, optimisation and timing."""
+``step(model, batch) -> (loss, n_images)`` or ``(loss, n_images, stats)``, where ``stats`` are
+detached scalars the epoch reports as means per image (FixMatch's mask rate); the loop does
+precision, optimisation and timing."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from drray.data.transforms import normalise
 
-Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+Step = Callable[[torch.nn.Module, dict], tuple]  # (loss, n) or (loss, n, {name: scalar tensor})
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -67,14 +69,16 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
     data_wait_s: the time spent waiting for batches (a slow input pipeline shows here).
     ``after_step`` runs after every optimizer step (an EMA of the weights)."""
     model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    total, seen, start, sums = 0.0, 0, time.perf_counter(), {}
     waited, ready, first_wait = 0.0, start, None
     for batch in batches:
         waited += time.perf_counter() - ready
         first_wait = waited if first_wait is None else first_wait
         batch = to_device(batch, device, channels_last)
         with autocast(device, dtype):
-            loss, n = step(model, batch)
+            loss, n, *stats = step(model, batch)
+        for name, value in (stats[0] if stats else {}).items():  # summed on the device: no sync per step
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * n
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -89,7 +93,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
     return {"loss": total / max(seen, 1), "images": seen, "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 2), "data_wait_s": round(waited, 3),
             "first_batch_wait_s": round(first_wait or 0.0, 3),
-            "lr": optimizer.param_groups[0]["lr"]}
+            "lr": optimizer.param_groups[0]["lr"],
+            **{name: round(float(value) / max(seen, 1), 4) for name, value in sums.items()}}
 
 
 @torch.no_grad()

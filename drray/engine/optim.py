@@ -40,6 +40,15 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: BatchNorm scales/shifts and biases (the 1-D parameters)
+    get none, as the reference implementations of SimCLR, FixMatch and MixMatch do (decaying
+    BatchNorm's scale towards 0 fights the normalisation)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                     nesterov: bool = False) -> torch.optim.Optimizer:
     if name == "adam":

@@ -16,7 +16,8 @@ from drray.data.transforms import apply_each, evaluation, train_noise, weak_view
 IMAGE, TARGET = "image", "target"  # the keys of a labeled (or evaluation) batch
 
 # step(model, batch) -> (loss, images): what distinguishes one method's training from another's
-Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+# (loss, n images) or (loss, n images, {statistic: detached scalar}): see drray.engine.loop
+Step = Callable[[torch.nn.Module, dict], tuple]
 
 
 class Views(abc.ABC):

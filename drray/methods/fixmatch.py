@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from drray.config import FixMatchConfig
 from drray.data.transforms import apply_each, strong_view, weak_view
-from drray.losses import binary_cross_entropy, fixmatch_unlabeled_loss
+from drray.losses import binary_cross_entropy, fixmatch_targets, fixmatch_unlabeled_loss
 from drray.methods.base import IMAGE, TARGET, Step, Views, WeakImage
 
 U_WEAK, U_STRONG = "u_weak", "u_strong"
@@ -25,6 +25,15 @@ class FixMatchViews(Views):
     def make(self, images, size):
         return {U_WEAK: apply_each(weak_view(), images, size),
                 U_STRONG: apply_each(strong_view(self.randaugment_ops, self.cutout), images, size)}
+
+
+def pseudo_label_stats(weak_logits, threshold: float) -> dict:
+    """Per epoch in metrics.jsonl: ``mask_rate``, the share of unlabeled images confident enough
+    to train on (near 0, FixMatch learns from the labels alone), and ``masked_positive_rate``, the
+    share of those labelled referable (near 0 or 1: the pseudo-labels collapsed to one class)."""
+    targets, mask = fixmatch_targets(weak_logits, threshold)
+    kept = mask.sum()
+    return {"mask_rate": mask.mean(), "masked_positive_rate": (targets * mask).sum() / kept.clamp(min=1)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,6 @@ class FixMatch:
             logits = model(torch.cat([x, weak, strong]))
             supervised = binary_cross_entropy(logits[:n], batch[TARGET])
             unlabeled = fixmatch_unlabeled_loss(logits[n + m:], logits[n:n + m], self.threshold)
-            return supervised + self.lambda_u * unlabeled, n
+            return supervised + self.lambda_u * unlabeled, n, pseudo_label_stats(logits[n:n + m], self.threshold)
 
         return fixmatch_step

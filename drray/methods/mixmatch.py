@@ -70,6 +70,8 @@ class MixMatch:
             lx, lu = mixmatch_losses(logits[:n], mixed[:n], logits[n:], mixed[n:])
             ramp = linear_rampup(state["step"], self.rampup_steps)
             state["step"] += 1
-            return lx + self.lambda_u * ramp * lu, n
+            stats = {"guess_positive_rate": (guessed >= 0.5).float().mean(),  # the guesses' class balance
+                     "guess_confidence": torch.maximum(guessed, 1 - guessed).mean()}
+            return lx + self.lambda_u * ramp * lu, n, stats
 
         return mixmatch_step

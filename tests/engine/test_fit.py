@@ -116,6 +116,8 @@ def test_fixmatch_zips_the_unlabeled_stream_and_publishes_its_ema(tmp_path):
     fit(plan, runtime)
     out = StageDir(tmp_path / "teacher-abc")
     assert out.epochs() == [0, 1]
+    lines = [json.loads(line) for line in out.metrics_file.read_text().splitlines()]
+    assert all(0 <= line["mask_rate"] <= 1 for line in lines if "epoch" in line and "loss" in line)
     checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint_*"))[-1]
     raw = torch.load(checkpoint / "model.pt", weights_only=True)
     ema = torch.load(checkpoint / "ema.pt", weights_only=True)
