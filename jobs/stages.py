@@ -164,10 +164,17 @@ def resolve(cfg: Config, manifest: dict) -> dict[str, Resolved]:
     return resolved
 
 
+# Settings that change what a stage logs, not what it computes: left out of its key, so turning
+# them on reuses a finished stage (and adding one to a section keeps every earlier key).
+UNKEYED = frozenset({"monitor_every"})
+
+
 def _section_part(cfg: Config, s: Stage):
     section = s.config(cfg)
-    if section is None or s.key_fields is None:
-        return section
+    if section is None:
+        return None
+    if s.key_fields is None:
+        return {k: v for k, v in to_dict(section).items() if k not in UNKEYED}
     return {f: getattr(section, f) for f in s.key_fields}
 
 

@@ -110,7 +110,12 @@ def test_each_training_stage_wrote_what_the_next_one_reads(run):
     for stage in ("pretrain", "teacher", "supervised", "distill", "student"):
         lines = [json.loads(x) for x in (next(run.glob(f"{stage}-*")) / "metrics.jsonl").read_text().splitlines()]
         assert all(np.isfinite(r["loss"]) for r in lines if "epoch" in r), stage
+    pretrain = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines()]
+    monitor = next(r for r in pretrain if r.get("event") == "monitor")  # ci.yaml: monitor_every 2 of 2 epochs
     teacher = next(run.glob("teacher-*"))
+    budget = json.loads((teacher / "subset.json").read_text())  # the probe reads the teacher's labels, no others
+    assert (monitor["labeled"], monitor["validation"]) == (len(budget["labeled"]), len(budget["validation"]))
+    assert [r.get("knn_auc") is not None for r in pretrain if "epoch" in r] == [False, True]
     lines = [json.loads(x) for x in (teacher / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("val_auc") is not None for r in lines if "epoch" in r] == [True, True]
     assert (teacher / "best" / "model.pt").is_file() and (teacher / "model" / "model.pt").is_file()

@@ -28,7 +28,7 @@ from pathlib import Path
 from drray.config import ScalingConfig
 from drray.distributed.datasets import Stream
 from drray.distributed.resources import check_fits, training_demand
-from drray.engine.fit import FitPlan, LocalRuntime, brief, fit
+from drray.engine.fit import WHOLE_ON_RANK0, FitPlan, LocalRuntime, brief, fit
 from drray.progress import say
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def _fit_on_ray_train(plan: FitPlan, streams: dict[str, Stream], scaling: Scalin
         ),
         datasets={name: s.build() for name, s in streams.items()} if split else None,
         # every worker takes its share of the training streams; validation runs on rank 0 alone
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in streams if k != "val"]) if split else None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in streams if k not in WHOLE_ON_RANK0]) if split else None,
     )
     with _sigint_handler_kept():
         result = trainer.fit()

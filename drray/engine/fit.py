@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.pt"  # in a training checkpoint, beside model.pt (the raw weights)
 VALIDATION_BATCH = 256
+PROBE_STREAMS = ("probe_train", "probe_val")  # labeled features that vote, and the images they vote on
+# Streams rank 0 reads whole (validation, the probe); the others are split across workers.
+WHOLE_ON_RANK0 = ("val", *PROBE_STREAMS)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class FitPlan:
     min_delta: float = 0.0
     unlabeled_batch: int = 0  # per worker, of the "unlabeled" stream (FixMatch / MixMatch)
     ema_decay: float | None = None  # validate, keep and publish this EMA of the weights
+    probe_every: int = 0  # kNN probe AUC (engine.probe) every N epochs on the "probe_*" streams (rank 0)
 
     @property
     def stage_dir(self) -> StageDir:
@@ -150,6 +154,8 @@ def fit(plan: FitPlan, runtime: Runtime) -> dict:
                                       "first_epoch_s": metrics["seconds"]})
         if plan.validate and rank == 0:
             metrics["val_auc"] = validation_auc(evaluated, runtime, plan, dtype)
+        if plan.probe_every and rank == 0 and ((epoch + 1) % plan.probe_every == 0 or epoch == plan.epochs - 1):
+            metrics["knn_auc"] = probe_auc(evaluated, runtime, plan, dtype)
         _report(plan, runtime, epoch, metrics, state, evaluated)
         if plan.patience is not None and epoch < plan.epochs - 1 and _stop_early(plan, runtime, epoch):
             break
@@ -214,6 +220,14 @@ def validation_auc(model: torch.nn.Module, runtime: Runtime, plan: FitPlan, dtyp
     if len(np.unique(targets)) < 2:
         return None
     return float(roc_auc_score(targets, probs))
+
+
+def probe_auc(model: torch.nn.Module, runtime: Runtime, plan: FitPlan, dtype) -> float | None:
+    """The kNN probe of the backbone's features (rank 0, unwrapped model like validation)."""
+    from drray.engine.probe import knn_auc
+
+    batches = {name: runtime.batches(name, VALIDATION_BATCH, drop_last=False) for name in PROBE_STREAMS}
+    return knn_auc(unwrap(model).backbone, *batches.values(), runtime.device, dtype, plan.channels_last)
 
 
 def _report(plan: FitPlan, runtime: Runtime, epoch: int, metrics: dict, state: _Training, evaluated) -> None:

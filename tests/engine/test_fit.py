@@ -124,3 +124,33 @@ def test_fixmatch_zips_the_unlabeled_stream_and_publishes_its_ema(tmp_path):
     published = torch.load(out.model / "model.pt", weights_only=True)
     key = next(k for k in published if k.endswith("conv1.weight"))
     assert torch.equal(published[key], ema[key]) and not torch.equal(published[key], raw[key])
+
+
+def test_the_pretraining_monitor_probes_the_features_every_n_epochs_and_after_the_last(tmp_path):
+    from drray.data.transforms import AugmentSpec
+    from drray.methods import SimCLR
+
+    def views(batch_size, drop_last):
+        rng = np.random.default_rng(3)
+        for _ in range(STEPS * 10):
+            images = rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)
+            yield {"view1": images, "view2": images[:, :, ::-1].copy()}
+
+    plan = plan_for(tmp_path, name="pretrain", out_dir=str(tmp_path / "pretrain-abc"), validate=False,
+                    spec=ModelSpec("simclr", "resnet18", SIZE, proj_hidden=32, proj_out=16),
+                    method=SimCLR(AugmentSpec(size=SIZE), temperature=0.5), epochs=3, probe_every=2)
+    runtime = runtime_for(tmp_path, train=views, probe_train=labeled_stream(2, seed=1),
+                          probe_val=labeled_stream(2, seed=2))
+    fit(plan, runtime)
+    lines = [r for r in StageDir(tmp_path / "pretrain-abc").metrics() if "epoch" in r]
+    probed = {r["epoch"]: r.get("knn_auc") for r in lines}
+    assert probed[0] is None and 0.5 < probed[1] <= 1 and 0.5 < probed[2] <= 1  # epoch 2 of 2, and the last
+
+
+def test_knn_votes_follow_the_nearest_labeled_features():
+    from drray.engine.probe import knn_scores
+
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    scores = knn_scores(train, np.array([1, 1, 0, 0], np.float32), np.array([[1, 0.05], [0.05, 1]], np.float32), k=2)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0)
