@@ -217,3 +217,17 @@ def test_the_cli_checks_settings_before_it_creates_or_starts_anything(tmp_path, 
         assert result.exit_code == 1 and f"--set {item}" in result.output, result.output
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
         assert not run.exists()
+
+
+def test_every_method_of_a_paper_config_starts_alike():
+    """paper.yaml starts every method from ImageNet weights, as the authors did; paper-scratch.yaml
+    every one from random weights, with settings checked (no weight file needed)."""
+    trained_from_init = ("pretrain", "distill", "supervised", "fixmatch", "mixmatch")
+    paper = load_config(REPO / "configs" / "paper.yaml")
+    assert {getattr(paper, s).init for s in trained_from_init} == {"imagenet"}
+    assert all(getattr(paper, s).weights for s in trained_from_init)
+    scratch = load_config(REPO / "configs" / "paper-scratch.yaml")
+    assert {getattr(scratch, s).init for s in trained_from_init} == {"random"}
+    assert scratch.pretrain.optim.name == "lars" and scratch.distill.optim.lr == scratch.supervised.optim.lr
+    assert (scratch.data, scratch.labels, scratch.pretrain.epochs) == (paper.data, paper.labels, paper.pretrain.epochs)
+    check_settings(scratch, files=True)
