@@ -71,13 +71,18 @@ class DatasetConfig:
     prepared: str = ""  # output of `drray prepare`: shards/, rejects.parquet, manifest.json
     partition: str | None = None  # CSV image_id,split (e.g. the Voets et al. partition)
     test_fraction: float | None = None  # seeded train/test partition of the pooled set
+    # CSV image_id,patient_id (e.g. Messidor-2's exams): the images of a patient stay together in
+    # splits and label subsets. Without it: a folder CSV's patient_id column, EyePACS 10_left ->
+    # 10, else each image its own patient. A relative path is also looked up inside `images`.
+    patients: str | None = None
     synthetic: SyntheticConfig | None = None  # generate when `images` is missing
 
 
 @dataclass(frozen=True)
 class DataConfig:
     size: int = 299  # output side in pixels; the fundus circle's diameter spans it
-    positive: Literal["referable", "any_dr"] = "referable"  # grade >= 2, or grade >= 1
+    # grade >= 2; grade >= 1; grade >= 2 or DME (Gulshan et al.; a data set that grades DME only)
+    positive: Literal["referable", "any_dr", "referable_dme"] = "referable"
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 95
     max_pixels: int = 178_956_970  # larger images are rejected as decompression bombs
@@ -158,6 +163,10 @@ class PretrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
+    # Every N epochs (and after the last), a kNN probe AUC of the backbone's features: the
+    # budget's labeled images vote on its validation images (no label outside the budget; nothing
+    # trained). 0: off. In metrics.jsonl and on the console as knn_auc, in the report's curves.
+    monitor_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,9 @@ class EvaluateConfig(InferenceConfig):
     seed: int = 0
     sensitivities: tuple[float, ...] = (0.9, 0.95)  # operating points chosen on validation data
     operating_sensitivity: float = 0.9  # the one stored with each model for `drray predict`
+    # The referable share of the population to be screened, when the test sets' is not it (0-1):
+    # each operating point also gets its PPV and NPV there (Bayes' rule). None: the test sets' own.
+    prevalence: float | None = None
     tsne_images: int = 1000  # images per t-SNE panel (a seeded sample of the external, else EyePACS test set); 0: none
 
 
@@ -588,7 +600,7 @@ RANGES: dict[str, Range] = {
                      "cpus_per_actor", "bootstrap", "mu", "augmentations", "checkpoint_every",
                      "keep_checkpoints", "prepare_batch", "proj_hidden", "proj_out", "head_hidden",
                      "concurrent_trials", "patience", "count", "counts", "num_cpus", "max_pixels"), POSITIVE_INT),
-    **dict.fromkeys(("test_n", "warmup_epochs", "val_count", "max_failures", "rampup_epochs", "tsne_images",
+    **dict.fromkeys(("test_n", "warmup_epochs", "val_count", "monitor_every", "max_failures", "rampup_epochs", "tsne_images",
                      "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter"),
                     NON_NEGATIVE),
     **dict.fromkeys(("hflip", "vflip", "jitter_prob", "grayscale_prob", "blur_prob", "threshold", "cutout"),

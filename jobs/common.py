@@ -52,19 +52,19 @@ class LabeledSubset:
 
 
 def labeled_subset(cfg: Config) -> LabeledSubset:
-    """The seeded, nested labeled subset and validation hold-out of the train split."""
+    """The seeded, nested labeled subset and validation hold-out of the train split, both of
+    whole patients (the shards' patient_id): no patient has an eye on each side of either line."""
     index = read_index(cfg.data.eyepacs.prepared).to_pylist()
-    rows = [r for r in index if r["split"] == "train" and r["grade"] is not None]
+    rows = {r["image_id"]: r for r in index if r["split"] == "train" and r["grade"] is not None}
     if not rows:
         raise ValueError(f"{cfg.data.eyepacs.prepared}: no labeled images in the train split")
-    ids = [r["image_id"] for r in rows]
-    grades = [r["grade"] for r in rows]
-    lab = cfg.labels
-    labeled, validation = sample_labeled(ids, grades, fraction=lab.fraction, count=lab.count,
-                                         strategy=lab.strategy, seed=lab.seed, positive=cfg.data.positive,
-                                         val_count=lab.val_count)
-    grade_of = dict(zip(ids, grades, strict=True))
-    target = lambda i: float(binary_target(grade_of[i], cfg.data.positive))  # noqa: E731
+    ids = list(rows)
+    lab, positive = cfg.labels, cfg.data.positive
+    labeled, validation = sample_labeled(
+        ids, [rows[i]["grade"] for i in ids], fraction=lab.fraction, count=lab.count, strategy=lab.strategy,
+        seed=lab.seed, positive=positive, val_count=lab.val_count,
+        patients={i: rows[i]["patient_id"] for i in ids}, dme=[rows[i]["dme"] for i in ids])
+    target = lambda i: float(binary_target(rows[i]["grade"], positive, rows[i]["dme"]))  # noqa: E731
     return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation},
                          len(rows) - len(validation))
 

@@ -20,6 +20,7 @@ import drray
 from drray.data.fundus import ImageRejected, encode_image, prepare_fundus
 from drray.data.shards import SHARD_SCHEMA
 from drray.data.sources import is_image_file, printable, unsupported_reason
+from drray.data.splits import patient_of
 
 OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), pa.field("reason", pa.string())])
 
@@ -27,7 +28,10 @@ OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), p
 # Bump when the preprocessing changes what it outputs, so prepared data is redone.
 # 5: every file is an input (.webp read, other files rejected), empty grades unlabeled, splits
 # normalised, file names that are not UTF-8 prepared.
-PREPROCESSING_VERSION = 5
+# 6: shards carry patient_id (a set prepared before has none: sampling by patient needs it).
+# 7: fundus circle right on real photographs (small decodes, pixel-centre rescaling, text in the
+# border, four-sides cuts, 10-14-bit data); full-frame photographs rejected as no_border.
+PREPROCESSING_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,16 @@ class PrepareParams:
 
 
 def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
-    """Prepare each input row (keys: image_id, path, grade, dme, source, split).
+    """Prepare each input row (keys: image_id, path, grade, dme, patient_id, source, split; a row
+    without a patient_id gets :func:`patient_of`'s, as collect_inputs gives it).
 
     ``path`` is a str or its ``os.fsencode`` bytes: a file name that is not UTF-8 cannot travel
     through Arrow as a string, its bytes can. The output's ``path`` is :func:`printable`.
     """
     out = []
     for row in rows:
-        record = {name: row.get(name) for name in ("image_id", "grade", "dme", "source", "split")}
+        record = {name: row.get(name) for name in ("image_id", "grade", "dme", "patient_id", "source", "split")}
+        record["patient_id"] = record["patient_id"] or patient_of(record["image_id"])
         path = os.fsdecode(row["path"]) if row.get("path") is not None else None
         record["path"] = printable(path) if path is not None else None
         if path is not None and not is_image_file(Path(path)):  # a README.txt in a clinic's folder
@@ -80,7 +86,8 @@ def build_manifest(*, source: str, images: str, id_from: str, label_files: list[
                    inputs: int, prepared_rows: list[dict], rejects: list[dict], shards: list[dict],
                    duplicate_label_rows: int, started: float, content_hash: str,
                    inputs_fingerprint: str, timing: dict) -> dict:
-    """The manifest: counts that add up, parameters, version and hashes."""
+    """The manifest: counts that add up, parameters, version and hashes. ``prepared_rows``:
+    grade, split and patient_id of each prepared image."""
     by_kind = Counter(r["kind"] for r in rejects)
     prepared = len(prepared_rows)
     if prepared + len(rejects) != inputs:  # the accounting invariant: nothing lost
@@ -98,6 +105,7 @@ def build_manifest(*, source: str, images: str, id_from: str, label_files: list[
         "counts": {
             "inputs": inputs,
             "prepared": prepared,
+            "patients": len({r["patient_id"] for r in prepared_rows}),  # of the prepared images
             "rejected": len(rejects),
             "unlabeled": grades.get(None, 0),
             "labeled": prepared - grades.get(None, 0),

@@ -2,7 +2,9 @@
 
 One row per prepared image in the shards (schema :data:`SHARD_SCHEMA`); one row per input that
 was not prepared in the rejects; counts, parameters and content hashes in the manifest.
-prepared + rejected = inputs, always.
+prepared + rejected = inputs, always. Every image names its patient (``patient_id``, never
+null: an image without patient information is its own patient), so that splits, label subsets
+and evaluation can keep a patient's two eyes together.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ SHARD_SCHEMA = pa.schema([
     ("image", pa.binary()),  # encoded RGB (JPEG or PNG), size x size
     ("grade", pa.int8()),  # 0-4, null when unlabeled
     ("dme", pa.int8()),  # risk of macular oedema 0-2 (IDRiD; Messidor-2 0-1), null when not graded
+    # the patient (drray.data.sources: a patients file, a CSV column, EyePACS 10_left -> 10, or
+    # the image itself); not null: writing a row without one fails
+    pa.field("patient_id", pa.string(), nullable=False),
     ("source", pa.string()),
     ("split", pa.string()),
     ("path", pa.string()),  # the original file
@@ -35,7 +40,7 @@ REJECT_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("reason", pa.string()),
 ])
-INDEX_COLUMNS = ["image_id", "grade", "source", "split"]  # everything but the pixels
+INDEX_COLUMNS = ["image_id", "grade", "dme", "patient_id", "source", "split"]  # what sampling and evaluation read
 MANIFEST = "manifest.json"
 # A prepared set written before drray marked its output folders: what it may hold.
 PREPARED_LEGACY = Legacy(MANIFEST, frozenset({MANIFEST, "rejects.parquet", "shards"}))
@@ -127,9 +132,13 @@ def shard_paths(prepared: str | Path) -> list[Path]:
 
 
 def read_index(prepared: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """The prepared images' ids, grades, sources and splits, without the pixels."""
+    """The prepared images' ids, grades, DME, patients, sources and splits, without the pixels."""
     paths = shard_paths(prepared)
     columns = columns or INDEX_COLUMNS
     if not paths:
         return SHARD_SCHEMA.empty_table().select(columns)
+    missing = [c for c in columns if c not in pq.read_schema(paths[0]).names]
+    if missing:  # a set an older drray prepared
+        raise PreparedDataError(f"{prepared}: its shards have no {', '.join(missing)} column (prepared by an "
+                                f"older drray): prepare it again (drray prepare, or drray run prepare)")
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

@@ -16,6 +16,12 @@ Image files of any common format are matched to label rows by id: the file stem,
 ``id_from="path"`` the path under the image folder without its extension (``patientA/left``).
 File names and label CSVs that are not UTF-8 are read as cp1252 (else latin-1), alike, so that
 the ids of both still match.
+
+Every item names its patient (``patient_id``, never empty): the one a patients file gives
+(CSV image_id,patient_id, e.g. Messidor-2's exams), else the folder CSV's ``patient_id`` column,
+else the EyePACS rule (``10_left`` -> ``10``), else the image is its own patient
+(:func:`drray.data.splits.patient_of`). APTOS, IDRiD and DDR publish no patients: without a
+patients file each of their images is its own patient.
 """
 
 from __future__ import annotations
@@ -36,11 +42,16 @@ from typing import NamedTuple
 
 from drray.config import IdFrom
 from drray.data.fundus import IMAGE_EXTENSIONS
+from drray.data.splits import patient_of, read_patients
 
 SOURCES = ("eyepacs", "messidor2", "folder", "aptos", "idrid", "ddr")
 ID_FROM = typing.get_args(IdFrom)
 # Split names a label CSV or a folder may use, and the split each one means.
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# The sources whose labels grade the risk of macular oedema (dme), and where: what
+# data.positive=referable_dme needs.
+DME_SOURCES = {"idrid": "Risk of macular edema 0-2", "messidor2": "adjudicated_dme 0-1",
+               "folder": "an optional dme column 0-2"}
 # What a text that is not UTF-8 most likely is (Excel on Windows writes cp1252); latin-1 decodes
 # any bytes, so it is the last resort and decoding never fails.
 TEXT_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
@@ -62,6 +73,7 @@ class InputItem:
     reject: str | None = None  # why it cannot be prepared, for a person
     reject_kind: str | None = None  # the reason's category, for counting
     dme: int | None = None  # risk of macular oedema (IDRiD 0-2, Messidor-2 0-1); None: not graded
+    patient_id: str | None = None  # collect_inputs always sets it (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class _LabelRow:
     skip_reason: str | None = None  # e.g. Messidor-2 ungradable, a split that is none of SPLITS
     skip_kind: str | None = None
     dme_text: str = ""  # the macular-oedema risk, where the source grades it
+    patient_text: str = ""  # the patient, where the CSV names it (folder: patient_id column)
 
 
 class _Label(NamedTuple):
@@ -83,6 +96,7 @@ class _Label(NamedTuple):
     split: str
     problem: str | None = None
     kind: str | None = None
+    patient: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,10 +157,12 @@ class SourceReport:
 
 
 def collect_inputs(source: str, images: str | Path, labels: list[str | Path],
-                   id_from: str = "stem") -> SourceReport:
+                   id_from: str = "stem", patients: str | Path | None = None) -> SourceReport:
     """List the inputs of a data set: the files under ``images`` joined with label rows.
 
     For a public set (:data:`LAYOUTS`) ``labels`` may be empty: its own label files are read.
+    ``patients``: a CSV image_id,patient_id naming the images as label rows do; like a label
+    file it is no input, and its contents are part of the fingerprint.
     """
     if source not in SOURCES:
         raise SourceError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
@@ -167,8 +183,16 @@ def collect_inputs(source: str, images: str | Path, labels: list[str | Path],
     rows: list[_LabelRow] = []
     for path in label_paths:
         rows.extend(_READERS[source](path))
+    sets = layout.sets if layout else {}
+    given = {}
+    if patients is not None:
+        patients_path = _resolve_label_path(images, patients, "patients file")
+        # ids of a layout with sets name their set (train/IDRiD_001): read as paths, they keep it
+        given = {label_id(name, "path" if sets else id_from): patient
+                 for name, patient in read_patients(patients_path).items()}
+        label_paths = label_paths + [patients_path]
     files = sorted(f for folder in folders for f in list_input_files(folder, exclude=label_paths))
-    report = _join(source, images, files, rows, id_from, layout.sets if layout else {})
+    report = _join(source, images, files, rows, id_from, sets, given)
     report.label_files = label_paths
     report.fingerprint = _fingerprint(source, id_from, images, files, label_paths)
     return report
@@ -184,13 +208,13 @@ def _fingerprint(source: str, id_from: str, root: Path, files: list[Path], label
     return h.hexdigest()
 
 
-def _resolve_label_path(images: Path, path: str | Path) -> Path:
+def _resolve_label_path(images: Path, path: str | Path, what: str = "label file") -> Path:
     path = Path(path)
     candidates = [path] if path.is_absolute() else [path, images / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise SourceError(f"label file {path} not found (looked in: {', '.join(map(str, candidates))})")
+    raise SourceError(f"{what} {path} not found (looked in: {', '.join(map(str, candidates))})")
 
 
 def list_input_files(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
@@ -315,7 +339,8 @@ def _read_messidor2(path: Path) -> list[_LabelRow]:
 
 
 def _read_folder(path: Path) -> list[_LabelRow]:
-    """Generic CSV: image_id,grade[,split]; an empty split is train."""
+    """Generic CSV: image_id,grade[,split][,patient_id][,dme]; an empty split is train, an empty
+    patient_id the image's own (or the EyePACS rule's), an empty dme not graded."""
     rows = []
     for line, row in _read_csv(path, ("image_id", "grade")):
         where = f"{path.name}:{line}"
@@ -324,7 +349,7 @@ def _read_folder(path: Path) -> list[_LabelRow]:
         skip = None if split else (f"split {text!r} is not one of {', '.join(dict.fromkeys(SPLITS.values()))} "
                                    f"(valid and validation mean val) ({where})")
         rows.append(_LabelRow(row["image_id"], row["grade"], where, split or text, skip,
-                              "bad_split" if skip else None))
+                              "bad_split" if skip else None, row.get("dme", ""), row.get("patient_id", "")))
     return rows
 
 
@@ -394,6 +419,11 @@ def parse_dme(text: str) -> tuple[int | None, str | None]:
     return _parse_level(text, 2, "macular-oedema risk")
 
 
+def _parse_patient(text: str) -> tuple[str | None, None]:
+    """A patient id as the CSV gives it; None for an empty one (then the image's own)."""
+    return (text or None), None
+
+
 def _parse_level(text: str, top: int, what: str) -> tuple[int | None, str | None]:
     if not text:
         return None, None
@@ -412,7 +442,8 @@ def _parse_level(text: str, top: int, what: str) -> tuple[int | None, str | None
 
 
 def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow], id_from: str,
-          sets: dict[str, str]) -> SourceReport:
+          sets: dict[str, str], given: dict[str, str]) -> SourceReport:
+    """The items: one per file, one per label row without a file; ``given``: id -> patient."""
     labels, duplicates = _merge_label_rows(rows, id_from, sets)
     items: list[InputItem] = []
     first_file: dict[str, Path] = {}
@@ -422,22 +453,29 @@ def _join(source: str, root: Path, files: list[Path], rows: list[_LabelRow], id_
         if not is_image_file(path):
             # not an image drray reads: never matched to a label row, never an id's first file
             items.append(InputItem(image_id, str(path), None, split, source, unsupported_reason(path),
-                                   "unsupported_format"))
+                                   "unsupported_format", patient_id=_patient(image_id, None, given)))
         elif image_id in first_file:
             items.append(InputItem(image_id, str(path), None, split, source,
-                                   _duplicate(first_file[image_id], id_from), "duplicate_image"))
+                                   _duplicate(first_file[image_id], id_from), "duplicate_image",
+                                   patient_id=_patient(image_id, None, given)))
         else:
             first_file[image_id] = path
             label = labels.get(image_id, _Label(None, None, split))
             items.append(InputItem(image_id, str(path), label.grade, label.split, source, label.problem,
-                                   label.kind, label.dme))
+                                   label.kind, label.dme, _patient(image_id, label.patient, given)))
     for image_id, label in sorted(labels.items()):
         if image_id not in first_file:
             where = label.problem or "label row"
             items.append(InputItem(image_id, None, None, label.split, source,
                                    f"image missing: no image file for this id under {printable(str(root))} "
-                                   f"({where})", "image_missing"))
+                                   f"({where})", "image_missing", patient_id=_patient(image_id, label.patient, given)))
     return SourceReport(items, label_rows=len(rows), duplicate_label_rows=duplicates)
+
+
+def _patient(image_id: str, named: str | None, given: dict[str, str]) -> str:
+    """An image's patient: the patients file's, else its label row's, else :func:`patient_of`'s
+    rule (EyePACS 10_left -> 10, else the image itself)."""
+    return given.get(image_id) or named or patient_of(image_id)
 
 
 def unsupported_reason(path: Path) -> str:
@@ -470,9 +508,10 @@ def _merge_group(group: list[_LabelRow]) -> _Label:
         return _Label(None, None, split, skipped[0].skip_reason, skipped[0].skip_kind)
     grade, problem = _agreed(group, [r.grade_text for r in group], parse_grade, "grades")
     dme, dme_problem = _agreed(group, [r.dme_text for r in group], parse_dme, "macular-oedema risks")
-    if problem or dme_problem:
-        return _Label(None, None, split, *(problem or dme_problem))
-    return _Label(grade, dme, split)
+    patient, patient_problem = _agreed(group, [r.patient_text for r in group], _parse_patient, "patients")
+    if problem or dme_problem or patient_problem:
+        return _Label(None, None, split, *(problem or dme_problem or patient_problem))
+    return _Label(grade, dme, split, patient=patient)
 
 
 def _agreed(group: list[_LabelRow], texts: list[str], parse: Callable,

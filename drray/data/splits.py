@@ -5,11 +5,13 @@ image's other eye never trained the model. A partition travels as a CSV ``image_
 with a manifest beside it (:func:`write_partition`): the seed, the test fraction, the counts and
 the SHA-256 of its sorted ids, so whoever reads the file can check it is the one described.
 
-Label sampling is *nested*: for a given seed, every image gets a fixed position in one ordering,
-and a labeled subset is a prefix of it. The subset for 1% is therefore contained in the subset
-for 2%, so a label-fraction sweep compares like with like. The validation subset is taken from
-the *end* of the same ordering, so it is the same images for every fraction (as long as the
-fraction leaves room for it) and never overlaps the labeled subset.
+Label sampling is *nested*: for a given seed, every patient gets a fixed position in one
+ordering, and a labeled subset is a prefix of it. The subset for 1% is therefore contained in the
+subset for 2%, so a label-fraction sweep compares like with like. The validation subset is taken
+from the *end* of the same ordering, so it is the same images for every fraction (as long as the
+fraction leaves room for it) and never overlaps the labeled subset. Sampling takes whole
+patients too: both eyes of a patient are labeled or neither, in validation or not, so the
+validation AUC is never measured on the fellow eye of a training image.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ import json
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from drray.artifacts import NotOurOutput, atomic_write_json, atomic_write_text, sha256_file
 
-POSITIVE_MIN_GRADE = {"referable": 2, "any_dr": 1}
+# The positive class: grade at least this, or (referable_dme) any risk of macular oedema too:
+# Gulshan et al. 2016's "moderate or worse DR and/or referable DME" (IDRiD risk 1-2,
+# Messidor-2 adjudicated_dme 1).
+POSITIVE_MIN_GRADE = {"referable": 2, "any_dr": 1, "referable_dme": 2}
+POSITIVE_NEEDS_DME = frozenset({"referable_dme"})
 # EyePACS names an image <patient>_<eye>: 10_left and 10_right are patient 10's two eyes.
 EYEPACS_EYE = re.compile(r"(\d+)_(?:left|right)")
 PARTITION_WHAT = "partition"  # the manifest's "what": a partition drray wrote
@@ -39,9 +46,15 @@ class SamplingError(ValueError):
     pass
 
 
-def binary_target(grade: int, positive: str = "referable") -> int:
-    """1 for the positive class: referable DR (grade >= 2) or any DR (grade >= 1)."""
-    return int(grade >= POSITIVE_MIN_GRADE[positive])
+def binary_target(grade: int, positive: str = "referable", dme: int | None = None) -> int:
+    """1 for the positive class: referable DR (grade >= 2), any DR (grade >= 1), or referable DR
+    or DME (grade >= 2 or dme >= 1). An image whose DME was not graded (``dme`` None) counts by
+    its grade alone; a data set that grades no DME at all is refused before training
+    (``drray.distributed.prepare.check_positive``)."""
+    if positive not in POSITIVE_MIN_GRADE:
+        raise SamplingError(f"unknown positive class {positive!r}: choose {', '.join(POSITIVE_MIN_GRADE)}")
+    oedema = positive in POSITIVE_NEEDS_DME and dme is not None and dme >= 1
+    return int(grade >= POSITIVE_MIN_GRADE[positive] or oedema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,28 +242,42 @@ def write_partition(path: str | Path, mapping: Mapping[str, str], *, seed: int, 
 # ---------------------------------------------------------------------------------------------
 
 
-def label_order(ids: Sequence[str], grades: Sequence[int], strategy: str, seed: int,
-                positive: str = "referable") -> list[str]:
-    """The nested ordering: labeled subsets are its prefixes.
+@dataclass(frozen=True)
+class _Patient:
+    images: tuple[str, ...]  # sorted
+    grade: int  # the worse eye's: what stratification sees
+    target: int  # positive when any of its images is: what balanced sampling sees
 
-    ``random`` is stratified by grade: the i-th of n_c images of a class (in a seeded shuffle)
-    gets the key (i + u) / n_c, u uniform in [0, 1); sorting by key interleaves the classes in
-    proportion, so every prefix holds each grade in its share (within one image).
-    ``balanced`` interleaves the two binary classes one by one (the authors' 500/500).
-    """
-    if len(ids) != len(grades):
-        raise SamplingError("ids and grades differ in length")
+
+def _patients(ids: Sequence[str], grades: Sequence[int], patients: Mapping[str, str] | None,
+              dme: Sequence[int | None] | None, positive: str) -> list[_Patient]:
+    """The patients of ``ids`` (:func:`patient_of`), ordered by their first image: with one image
+    per patient that is the order of the sorted ids, so the draw is the one made over images
+    before sampling grouped patients."""
+    dme = [None] * len(ids) if dme is None else dme
+    if not len(ids) == len(grades) == len(dme):
+        raise SamplingError("ids, grades and dme differ in length")
+    members: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for image_id, grade, oedema in zip(ids, grades, dme, strict=True):
+        members[patient_of(image_id, patients)].append((image_id, grade, binary_target(grade, positive, oedema)))
+    found = [_Patient(tuple(sorted(m[0] for m in group)), max(m[1] for m in group), max(m[2] for m in group))
+             for group in members.values()]
+    return sorted(found, key=lambda p: p.images[0])  # input order is irrelevant
+
+
+def _patient_order(found: list[_Patient], strategy: str, seed: int) -> list[_Patient]:
+    """``random`` is stratified by grade: the i-th of n_c patients of a class (in a seeded
+    shuffle) gets the key (i + u) / n_c, u uniform in [0, 1); sorting by key interleaves the
+    classes in proportion, so every prefix holds each grade in its share (within one patient).
+    ``balanced`` interleaves the two binary classes one by one (the authors' 500/500)."""
     rng = np.random.default_rng([seed, 11])
-    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # input order is irrelevant
-    ids = [ids[i] for i in order]
-    grades = [grades[i] for i in order]
     if strategy == "random":
-        classes = np.asarray(grades)
+        classes = np.asarray([p.grade for p in found])
     elif strategy == "balanced":
-        classes = np.asarray([binary_target(g, positive) for g in grades])
+        classes = np.asarray([p.target for p in found])
     else:
         raise SamplingError(f"unknown sampling strategy {strategy!r}: choose random or balanced")
-    keys = np.empty(len(ids))
+    keys = np.empty(len(found))
     for c in np.unique(classes):
         members = np.flatnonzero(classes == c)
         members = members[rng.permutation(len(members))]
@@ -259,7 +286,30 @@ def label_order(ids: Sequence[str], grades: Sequence[int], strategy: str, seed: 
             keys[members] = (np.arange(n) + rng.random(n)) / n
         else:
             keys[members] = np.arange(n) + rng.random(n)  # round robin, random within a round
-    return [ids[i] for i in np.argsort(keys, kind="stable")]
+    return [found[i] for i in np.argsort(keys, kind="stable")]
+
+
+def label_order(ids: Sequence[str], grades: Sequence[int], strategy: str, seed: int,
+                positive: str = "referable", patients: Mapping[str, str] | None = None,
+                dme: Sequence[int | None] | None = None) -> list[str]:
+    """The nested ordering of the images: labeled subsets are its prefixes (cut between
+    patients). A patient's images are adjacent in it, placed by its worse eye's grade
+    (``random``) or by whether any eye is positive (``balanced``)."""
+    return [i for p in _patient_order(_patients(ids, grades, patients, dme, positive), strategy, seed)
+            for i in p.images]
+
+
+def _whole_patients(ordered: Iterable[_Patient], k: int) -> list[_Patient]:
+    """The first patients of ``ordered`` that hold at least ``k`` images. Patients are taken
+    whole, so the last one may bring its other images over ``k``: one image over at most for
+    patients with two eyes (never under: the count asked for is always met)."""
+    taken, n = [], 0
+    for patient in ordered:
+        if n >= k:
+            break
+        taken.append(patient)
+        n += len(patient.images)
+    return taken
 
 
 def labeled_count(n_available: int, fraction: float | None, count: int | None) -> int:
@@ -278,28 +328,36 @@ def labeled_count(n_available: int, fraction: float | None, count: int | None) -
 
 def sample_labeled(ids: Sequence[str], grades: Sequence[int], *, fraction: float | None = None,
                    count: int | None = None, strategy: str = "random", seed: int = 0,
-                   positive: str = "referable", val_count: int = 0) -> tuple[list[str], list[str]]:
-    """(labeled subset, validation subset), both seeded, disjoint and nested across fractions.
+                   positive: str = "referable", val_count: int = 0, patients: Mapping[str, str] | None = None,
+                   dme: Sequence[int | None] | None = None) -> tuple[list[str], list[str]]:
+    """(labeled subset, validation subset), both seeded, disjoint and nested across fractions,
+    both made of whole patients (``patients``: image id -> patient, else :func:`patient_of`).
 
-    The validation images are the tail of the stratified ordering, whatever the strategy, so
+    The validation patients are the tail of the stratified ordering, whatever the strategy, so
     they are the same images for every fraction and strategy. The labeled subset is a prefix
-    of the strategy's ordering with the validation images left out; a fraction is a fraction
-    of the images left after the validation hold-out.
+    of the strategy's ordering with the validation patients left out; a fraction is a fraction
+    of the images left after the validation hold-out. Counts are of images: patients are taken
+    until the count is reached, so a subset may hold one image more than asked for (the last
+    patient's second eye; :func:`_whole_patients`). ``dme`` (per image) is needed by
+    balanced sampling with ``positive="referable_dme"`` only.
     """
     if val_count < 0 or val_count >= len(ids):
         raise SamplingError(f"labels.val_count {val_count} must be in [0, {len(ids)})")
-    stratified = label_order(ids, grades, "random", seed, positive)
-    validation = stratified[len(stratified) - val_count:] if val_count else []
-    held_out = set(validation)
-    ordering = label_order(ids, grades, strategy, seed, positive)
-    available = [i for i in ordering if i not in held_out]
-    k = labeled_count(len(available), fraction, count)
+    found = _patients(ids, grades, patients, dme, positive)
+    tail = _whole_patients(reversed(_patient_order(found, "random", seed)), val_count)
+    validation = [i for p in reversed(tail) for i in p.images]
+    held_out = {p.images for p in tail}
+    available = [p for p in _patient_order(found, strategy, seed) if p.images not in held_out]
+    n_available = sum(len(p.images) for p in available)
+    if not n_available:
+        raise SamplingError(f"labels.val_count {val_count} leaves no labeled image to train on (validation "
+                            f"takes whole patients: {len(validation)} of the {len(ids)} images)")
+    k = labeled_count(n_available, fraction, count)
     if strategy == "balanced":
-        grade_of = dict(zip(ids, grades, strict=True))
-        per_class = np.bincount([binary_target(grade_of[i], positive) for i in available], minlength=2)
+        per_class = np.bincount([p.target for p in available for _ in p.images], minlength=2)
         if k > 2 * per_class.min():
             raise SamplingError(
                 f"balanced sampling of {k} images needs {math.ceil(k / 2)} per class, but the smaller "
                 f"class has only {per_class.min()}; use labels.strategy=random or fewer labels"
             )
-    return available[:k], validation
+    return [i for p in _whole_patients(available, k) for i in p.images], validation

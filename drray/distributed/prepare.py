@@ -39,11 +39,12 @@ from drray.data.shards import (
     REJECT_SCHEMA,
     PreparedDataError,
     ShardWriter,
+    read_index,
     read_manifest,
     write_rejects,
 )
-from drray.data.sources import InputItem, collect_inputs, printable
-from drray.data.splits import random_partition, read_partition
+from drray.data.sources import DME_SOURCES, InputItem, collect_inputs, printable
+from drray.data.splits import POSITIVE_NEEDS_DME, random_partition, read_partition
 from drray.data.synthetic import write_dataset
 from drray.distributed.runtime import ensure_ray
 from drray.progress import Progress
@@ -59,14 +60,16 @@ class NothingPrepared(ValueError):
 def prepare_source(*, source: str, images: str | Path, labels: list[str | Path], out: str | Path,
                    params: PrepareParams, id_from: str = "stem", partition: str | None = None,
                    test_fraction: float | None = None, seed: int = 0, batch_size: int = 16,
-                   num_cpus: int | None = None, reuse_current: bool = False) -> dict:
+                   num_cpus: int | None = None, reuse_current: bool = False,
+                   patients: str | Path | None = None) -> dict:
     """Prepare one raw data set into ``out``; return its manifest.
 
     With ``reuse_current``, an existing output made from the same inputs (file names, sizes,
-    times, label contents, id rule) with the same parameters is kept as it is. ``out`` must lie
-    outside the inputs and be new, empty or a prepared set drray wrote: checked before any work.
+    times, label and patients file contents, id rule) with the same parameters is kept as it
+    is. ``out`` must lie outside the inputs and be new, empty or a prepared set drray wrote:
+    checked before any work. ``patients``: CSV image_id,patient_id (:func:`collect_inputs`).
     """
-    report = collect_inputs(source, images, labels, id_from)
+    report = collect_inputs(source, images, labels, id_from, patients)
     check_output(out, images, report.label_files)
     # "grouping": --test-fraction draws over patients now; a set drawn over images is redone
     split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
@@ -116,7 +119,8 @@ def _with_splits(items: list[InputItem], partition: str | None, test_fraction: f
         mapping = read_partition(partition)
         return [dataclasses.replace(i, split=mapping.get(i.image_id, "unassigned")) for i in items]
     if test_fraction is not None:
-        mapping = random_partition([i.image_id for i in items if not i.reject], test_fraction, seed)
+        patients = {i.image_id: i.patient_id for i in items if not i.reject}
+        mapping = random_partition(list(patients), test_fraction, seed, patients)
         return [dataclasses.replace(i, split=mapping.get(i.image_id, i.split)) for i in items]
     return items
 
@@ -140,12 +144,31 @@ def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
     manifest = prepare_source(
         source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),
         id_from=ds.id_from, partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
-        batch_size=cfg.data.prepare_batch, num_cpus=cfg.run.num_cpus, reuse_current=True,
+        batch_size=cfg.data.prepare_batch, num_cpus=cfg.run.num_cpus, reuse_current=True, patients=ds.patients,
     )
     if not manifest["counts"]["prepared"]:
         raise ValueError(f"data.{name}: no image of {images} could be prepared ({reject_summary(manifest)}); "
                          f"the reasons per file are in {ds.prepared}/rejects.parquet")
+    check_positive(name, ds, cfg.data.positive)
     return manifest
+
+
+def check_positive(name: str, ds: DatasetConfig, positive: str) -> None:
+    """Refuse a positive class the prepared set cannot give: referable_dme on a set whose shards
+    grade no DME at all (EyePACS), where every image would count by its grade alone, silently
+    referable DR again. Checked here, where every data set a run trains or evaluates on is
+    first read, so a run fails before its hours of training, not after."""
+    if positive not in POSITIVE_NEEDS_DME:
+        return
+    index = read_index(ds.prepared, ["dme", "grade"]).to_pylist()
+    if any(r["dme"] is not None for r in index):
+        return
+    graded = "; ".join(f"{source}: {where}" for source, where in DME_SOURCES.items())
+    raise ValueError(
+        f"data.positive={positive} counts an image positive for referable DR or referable macular oedema "
+        f"(DME), but data.{name} ({ds.source}, {ds.prepared}) records no DME: none of its "
+        f"{sum(r['grade'] is not None for r in index)} labeled images has one. Sources that record DME: "
+        f"{graded}. Choose data.positive=referable (or any_dr), or a data set that grades DME.")
 
 
 def _prepare_batch(batch: pa.Table, params: PrepareParams) -> pa.Table:
@@ -170,7 +193,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
     # paths travel as bytes: a file name that is not UTF-8 is no Arrow string (prepare_rows)
     todo = [
         {"image_id": i.image_id, "path": os.fsencode(i.path), "grade": i.grade, "dme": i.dme,
-         "source": i.source, "split": i.split}
+         "patient_id": i.patient_id, "source": i.source, "split": i.split}
         for i in items if not i.reject
     ]
     prepared_rows: list[dict] = []
@@ -187,7 +210,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             ok = pc.is_null(batch["kind"])
             good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
             writer.write(good)
-            prepared_rows.extend(good.select(["grade", "split"]).to_pylist())
+            prepared_rows.extend(good.select(["grade", "split", "patient_id"]).to_pylist())
             rejects.extend(bad.select(REJECT_SCHEMA.names).to_pylist())
             if progress:
                 progress(len(prepared_rows) + len(rejects), len(items))

@@ -1,6 +1,6 @@
 """The public sets (APTOS 2019, IDRiD, DDR) on files laid out as they unpack, quirks included;
-the macular-oedema risk (dme) from IDRiD and Messidor-2; one `drray prepare --source idrid`
-and `drray partition` end to end."""
+the macular-oedema risk (dme) from IDRiD and Messidor-2, and the positive class it makes
+(referable_dme); one `drray prepare --source idrid` and `drray partition` end to end."""
 
 import json
 import typing
@@ -10,12 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from drray.config import DatasetConfig
+from drray.config import Config, DataConfig, DatasetConfig, LabelsConfig
 from drray.data.shards import read_manifest, shard_paths
 from drray.data.sources import LAYOUTS, SOURCES, SourceError, collect_inputs
+from drray.data.splits import binary_target
+from drray.distributed.prepare import check_positive, ensure_prepared
 from jobs.cli import SOURCE_CHOICES, main
+from jobs.common import labeled_subset
 from tests.data.test_fundus import frame
-from tests.data.test_sources import by_id, touch
+from tests.data.test_sources import by_id, prepare_here, touch, without_ray
 
 GRADING = "B. Disease Grading"
 IDRID_IMAGES = f"{GRADING}/1. Original Images"
@@ -71,6 +74,13 @@ def test_idrid_ids_name_their_set_and_keep_the_macular_oedema_risk(idrid):
     assert "Testing Labels.csv:3" in items["test/IDRiD_002"].reject
     assert report.label_rows == 6  # the padding rows are no label rows
     assert len(report.label_files) == 2 and all(p.is_file() for p in report.label_files)
+
+
+def test_the_public_sets_name_no_patients_each_image_is_its_own(idrid, tmp_path):
+    assert all(i.patient_id == i.image_id for i in collect_inputs("idrid", idrid, []).items)
+    touch(tmp_path / "train_images" / "000c1434d8d7.png")
+    (tmp_path / "train.csv").write_text("id_code,diagnosis\n000c1434d8d7,2\n")
+    assert [i.patient_id for i in collect_inputs("aptos", tmp_path, []).items] == ["000c1434d8d7"]
 
 
 def test_idrid_a_missing_label_file_names_the_expected_path(idrid):
@@ -163,6 +173,9 @@ def test_prepare_and_partition_idrid_end_to_end(ray_session, idrid, tmp_path):
         "test/IDRiD_001": (1, 0, "test"), "test/IDRiD_099": (None, None, "test")}
     counts = read_manifest(out)["counts"]
     assert counts["inputs"] == counts["prepared"] + counts["rejected"] == 7
+    # IDRiD publishes no patients: each image its own, through Ray Data into the shards
+    patients = pq.read_table(shard_paths(out)[0], columns=["image_id", "patient_id"]).to_pylist()
+    assert all(r["patient_id"] == r["image_id"] for r in patients) and counts["patients"] == 5
     assert counts["rejected_by_reason"] == {"bad_grade": 1, "image_missing": 1}
 
     # a partition of the prepared set, by file, used to prepare again: its splits, checked by hash
@@ -178,3 +191,62 @@ def test_prepare_and_partition_idrid_end_to_end(ray_session, idrid, tmp_path):
     part.write_text(part.read_text().replace("test/IDRiD_099,", "test/IDRiD_098,"))
     result = CliRunner().invoke(main, args + ["--partition", str(part)])
     assert result.exit_code != 0 and "its ids are not the ones idrid-partition.manifest.json records" in result.output
+
+
+def messidor2(root, rows):
+    """A Messidor-2 folder: (name, grade, dme) rows, all gradable."""
+    for i, (name, _, _) in enumerate(rows):
+        image(root / "images" / name, seed=i)
+    (root / "messidor_data.csv").write_text(
+        "image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable\n"
+        + "".join(f"{name},{grade},{dme},1\n" for name, grade, dme in rows))
+    return root
+
+
+def test_referable_dme_counts_macular_oedema_and_is_refused_where_none_is_graded(monkeypatch, tmp_path):
+    images = messidor2(tmp_path / "m", [("a.png", 0, 1), ("b.png", 0, 0), ("c.png", 2, 0), ("d.png", 1, ""),
+                                        ("e.png", 1, 1)])
+    rows, _ = prepare_here(monkeypatch, "messidor2", images, ["messidor_data.csv"], tmp_path / "pm")
+    # as evaluation reads a prepared set: binary_target(grade, positive, dme)
+    targets = {k: binary_target(r["grade"], "referable_dme", r.get("dme")) for k, r in rows.items()}
+    assert targets == {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1}  # a: grade 0, DME 1; d: DME not graded
+    assert {k: binary_target(r["grade"], "referable", r["dme"]) for k, r in rows.items()}["a"] == 0
+    check_positive("external", DatasetConfig(source="messidor2", prepared=str(tmp_path / "pm")), "referable_dme")
+
+    eyepacs = tmp_path / "e"
+    for i, name in enumerate(["10_left", "10_right"]):
+        image(eyepacs / "train" / f"{name}.jpeg", seed=i)
+    (eyepacs / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,3\n")
+    ds = DatasetConfig(source="eyepacs", images=str(eyepacs), labels=("trainLabels.csv",),
+                       prepared=str(tmp_path / "pe"))
+    without_ray(monkeypatch)
+    cfg = Config(data=DataConfig(size=32, positive="referable_dme", eyepacs=ds))
+    with pytest.raises(ValueError) as error:  # where a run first reads the set: before any training
+        ensure_prepared("eyepacs", ds, cfg)
+    message = str(error.value)
+    assert "data.eyepacs (eyepacs" in message and "records no DME" in message and "2 labeled images" in message
+    assert "idrid: Risk of macular edema 0-2" in message and "messidor2: adjudicated_dme 0-1" in message
+    assert "data.positive=referable" in message
+    ensure_prepared("eyepacs", ds, Config(data=DataConfig(size=32, eyepacs=ds)))  # referable: fine
+
+
+def test_the_labeled_subset_takes_whole_patients_and_their_dme(monkeypatch, tmp_path):
+    images = tmp_path / "clinic"
+    names = ["a", "b", "c", "d", "e", "f"]
+    for i, name in enumerate(names):
+        image(images / f"{name}.png", seed=i)
+    (images / "labels.csv").write_text("image_id,grade,patient_id,dme\n" + "".join(
+        f"{n},{g},{p},{d}\n" for n, g, p, d in zip(names, [0, 0, 2, 1, 0, 0], ["p1", "p1", "p2", "p2", "p3", "p4"],
+                                                    [1, 0, 0, 0, 0, ""], strict=True)))
+    ds = DatasetConfig(source="folder", images=str(images), labels=("labels.csv",), prepared=str(tmp_path / "p"))
+    prepare_here(monkeypatch, "folder", images, ["labels.csv"], ds.prepared)
+    patient = {"a": "p1", "b": "p1", "c": "p2", "d": "p2", "e": "p3", "f": "p4"}
+    for seed in range(8):
+        cfg = Config(data=DataConfig(positive="referable_dme", eyepacs=ds),
+                     labels=LabelsConfig(count=1, seed=seed, val_count=1))
+        subset = labeled_subset(cfg)
+        for part in (subset.labeled, subset.validation):
+            assert {i for i in patient if patient[i] in {patient[j] for j in part}} == set(part)  # whole patients
+        assert len(subset.labeled) in (1, 2) and len(subset.validation) in (1, 2)
+        expected = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 0.0, "f": 0.0}  # a: grade 0, DME 1
+        assert {**subset.labeled, **subset.validation} == {i: expected[i] for i in {**subset.labeled, **subset.validation}}

@@ -3,10 +3,15 @@
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
 from drray.data.prepare import PrepareParams, prepare_rows
+from drray.data.shards import SHARD_SCHEMA, read_index, read_manifest, shard_paths
 from drray.data.sources import SourceError, collect_inputs, parse_grade
+from drray.distributed import prepare as dp
+from jobs.cli import main
 from tests.data.test_fundus import frame
 
 
@@ -215,3 +220,95 @@ def test_an_empty_grade_is_unlabeled(tmp_path):
         "a": (None, "test", None), "b": (None, "train", None),
         "c": (2, "train", None),  # an empty grade says nothing: the other row labels it
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Patients: every shard row names one
+# ---------------------------------------------------------------------------------------------
+
+
+def without_ray(monkeypatch):
+    """drray prepare's driver as it is (items -> todo rows -> prepare_rows -> shards, rejects,
+    manifest), the Ray Data map run in this process: the contract's plumbing in a second."""
+    monkeypatch.setattr(dp, "ensure_ray", lambda num_cpus=None: None)
+    monkeypatch.setattr(dp, "_run_pipeline", lambda todo, params, batch_size: iter([prepare_rows(todo, params)]))
+
+
+def prepare_here(monkeypatch, source, images, labels, out, **kwargs):
+    """``drray prepare`` without Ray; the shards' rows by id and the manifest's counts."""
+    without_ray(monkeypatch)
+    manifest = dp.prepare_source(source=source, images=images, labels=labels, out=out,
+                                 params=PrepareParams(size=32), **kwargs)
+    return {r["image_id"]: r for r in read_index(out).to_pylist()}, manifest["counts"]
+
+
+def test_eyepacs_patients_come_from_the_ids_and_others_are_their_own(monkeypatch, tmp_path):
+    images = tmp_path / "eyepacs"
+    (images / "train").mkdir(parents=True)
+    for i, name in enumerate(["10_left", "10_right", "11_left", "IM000123", "12_lefty"]):
+        frame(seed=i).save(images / "train" / f"{name}.jpeg")
+    (images / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,2\n11_left,1\n")
+    rows, counts = prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], tmp_path / "out")
+    assert {k: r["patient_id"] for k, r in rows.items()} == {
+        "10_left": "10", "10_right": "10", "11_left": "11", "IM000123": "IM000123", "12_lefty": "12_lefty"}
+    assert counts["prepared"] == 5 and counts["patients"] == 4
+    schema = pq.read_schema(shard_paths(tmp_path / "out")[0])
+    assert schema.field("patient_id").type == pa.string() and not schema.field("patient_id").nullable
+    assert schema.equals(SHARD_SCHEMA)
+    # the rule is the one prepare_rows falls back on for a row without a patient (drray predict's)
+    assert prepare_rows([{"image_id": "7_right", "path": None}], PrepareParams(size=32)).to_pylist()[0][
+        "patient_id"] == "7"
+
+
+def test_a_folder_csv_names_patients_and_dme(monkeypatch, tmp_path):
+    images = tmp_path / "clinic"
+    images.mkdir()
+    for i, name in enumerate(["a", "b", "c", "d", "10_left"]):
+        frame(seed=i).save(images / f"{name}.png")
+    (images / "labels.csv").write_text(
+        "image_id,grade,split,patient_id,dme\na.png,0,,p1,1\nb,2,,p1,0\nc,1,test,,\n"
+        "d,1,,p2,\nd,1,,p3,\n10_left,0,,,2\n")
+    items = by_id(collect_inputs("folder", images, ["labels.csv"]))
+    assert items["d"].reject_kind == "conflicting_grades" and "conflicting patients p2 and p3" in items["d"].reject
+    rows, counts = prepare_here(monkeypatch, "folder", images, ["labels.csv"], tmp_path / "out")
+    assert {k: (r["patient_id"], r["dme"], r["split"]) for k, r in rows.items()} == {
+        "a": ("p1", 1, "train"), "b": ("p1", 0, "train"), "c": ("c", None, "test"),  # empty: its own
+        "10_left": ("10", 2, "train")}  # no patient_id: the EyePACS rule, as everywhere
+    assert counts["patients"] == 3
+
+
+def test_a_messidor2_exam_file_groups_its_images(monkeypatch, tmp_path):
+    images = tmp_path / "messidor"
+    names = ["20051019_38557_0100_PP.png", "20051019_38558_0100_PP.png", "IM000123.JPG", "IM000124.JPG"]
+    (images / "images").mkdir(parents=True)
+    for i, name in enumerate(names):
+        frame(seed=i).save(images / "images" / name, format="PNG" if name.endswith("png") else "JPEG")
+    (images / "messidor_data.csv").write_text(
+        "image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable\n"
+        + "".join(f"{n},{g},{d},1\n" for n, g, d in zip(names, [0, 2, 1, 0], [1, 0, 0, 0], strict=True)))
+    # the exam file: ids with or without the extension, as label rows name images; inside --images
+    (images / "exams.csv").write_text("image_id,patient_id\n20051019_38557_0100_PP.png,exam1\n"
+                                      "20051019_38558_0100_PP,exam1\nIM000123.JPG,exam2\n")
+    out = tmp_path / "out"
+    without_ray(monkeypatch)
+    result = CliRunner().invoke(main, ["prepare", "--source", "messidor2", "--images", str(images), "--labels",
+                                       "messidor_data.csv", "--patients", "exams.csv", "--out", str(out),
+                                       "--size", "32"])
+    assert result.exit_code == 0, result.output
+    rows = {r["image_id"]: r for r in read_index(out).to_pylist()}
+    assert {k: (r["patient_id"], r["dme"]) for k, r in rows.items()} == {
+        "20051019_38557_0100_PP": ("exam1", 1), "20051019_38558_0100_PP": ("exam1", 0),
+        "IM000123": ("exam2", 0), "IM000124": ("IM000124", 0)}  # not in the file: its own patient
+    manifest = read_manifest(out)
+    assert manifest["counts"]["inputs"] == 4 and manifest["counts"]["patients"] == 3  # exams.csv: no input
+    assert "exams.csv" in {os.path.basename(f["path"]) for f in manifest["label_files"]}
+    first = collect_inputs("messidor2", images, ["messidor_data.csv"], patients="exams.csv").fingerprint
+    (images / "exams.csv").write_text("image_id,patient_id\nIM000123,exam2\nIM000124,exam2\n")
+    assert collect_inputs("messidor2", images, ["messidor_data.csv"], patients="exams.csv").fingerprint != first
+    # a pooled --test-fraction keeps an exam's images on one side, whatever the seed
+    for seed in range(6):
+        split = {i.image_id: i.split for i in dp._with_splits(
+            collect_inputs("messidor2", images, ["messidor_data.csv"], patients="exams.csv").items, None, 0.5, seed)}
+        assert split["IM000123"] == split["IM000124"]
+    with pytest.raises(SourceError, match="patients file nope.csv not found"):
+        collect_inputs("messidor2", images, ["messidor_data.csv"], patients="nope.csv")

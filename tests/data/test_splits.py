@@ -35,6 +35,13 @@ def pool():
 def test_binary_target():
     assert [binary_target(g) for g in range(5)] == [0, 0, 1, 1, 1]
     assert [binary_target(g, "any_dr") for g in range(5)] == [0, 1, 1, 1, 1]
+    # referable DR and/or referable DME (Gulshan et al.): DME 1-2 makes any grade positive
+    assert [binary_target(g, "referable_dme", 1) for g in range(5)] == [1, 1, 1, 1, 1]
+    assert [binary_target(g, "referable_dme", 0) for g in range(5)] == [0, 0, 1, 1, 1]
+    assert binary_target(0, "referable_dme", 2) == 1 and binary_target(0, "referable_dme") == 0  # not graded
+    assert binary_target(0, "referable", 1) == 0  # DME only counts where the positive class says so
+    with pytest.raises(SamplingError, match="unknown positive class 'severe'"):
+        binary_target(3, "severe")
 
 
 def test_sampling_is_deterministic_and_seed_dependent(pool):
@@ -231,3 +238,117 @@ def test_partition_command_on_a_raw_data_set(tmp_path):
     assert inside.exit_code != 0 and "lies inside --images" in inside.output
     neither = CliRunner().invoke(main, ["partition", "--test-fraction", "0.5", "--out", str(out)])
     assert neither.exit_code != 0 and "give --prepared DIR, or --source and --images" in neither.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling by patient
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eyes():
+    """600 EyePACS patients with two eyes of correlated grades, 50 with one eye, and 40 images
+    named otherwise, grouped by a patients file into 20 patients of two."""
+    rng = np.random.default_rng(1)
+    ids, grades = [], []
+    for p in range(650):
+        grade = int(rng.choice(5, p=[0.735, 0.07, 0.151, 0.024, 0.02]))
+        for eye in ("left", "right")[: 2 if p < 600 else 1]:
+            ids.append(f"{p}_{eye}")
+            grades.append(grade if rng.random() < 0.85 else int(np.clip(grade + rng.choice([-1, 1]), 0, 4)))
+    ids += [f"IM{i:04d}" for i in range(40)]
+    grades += list(rng.choice(5, size=40))
+    patients = {f"IM{i:04d}": f"exam{i // 2}" for i in range(40)}
+    return ids, grades, patients
+
+
+def whole(subset, ids, patients):
+    """Every patient with an image in ``subset`` has all its images there."""
+    inside = {patient_of(i, patients) for i in subset}
+    return {i for i in ids if patient_of(i, patients) in inside} == set(subset)
+
+
+@pytest.mark.parametrize("strategy", ["random", "balanced"])
+def test_no_patient_is_on_both_sides_of_any_line_and_subsets_stay_nested(eyes, strategy):
+    ids, grades, patients = eyes
+    for seed in range(6):
+        previous, val0 = set(), None
+        for fraction in [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]:
+            labeled, val = sample_labeled(ids, grades, fraction=fraction, strategy=strategy, seed=seed,
+                                          val_count=101, patients=patients)
+            assert whole(labeled, ids, patients) and whole(val, ids, patients)  # the labeled and validation lines
+            assert not set(labeled) & set(val)
+            assert previous <= set(labeled)  # nested
+            assert val0 is None or val == val0  # the same validation for every fraction
+            assert 101 <= len(val) <= 102  # whole patients: one image over at most
+            available = len(ids) - len(val)
+            want = max(1, int(available * fraction + 0.5))
+            assert want <= len(labeled) <= want + 1
+            previous, val0 = set(labeled), val
+        part = random_partition(ids, 0.3, seed, patients)  # and the train/test line
+        assert whole([i for i in ids if part[i] == "test"], ids, patients)
+
+
+def test_a_count_is_met_by_whole_patients_one_image_over_at_most():
+    ids = [f"{p}_{eye}" for p in range(10) for eye in ("left", "right")]
+    grades = [0] * 20
+    for k in range(1, 21):
+        labeled, _ = sample_labeled(ids, grades, count=k, seed=0)
+        assert len(labeled) == k + k % 2  # an odd count takes the last patient's second eye too
+        assert whole(labeled, ids, None)
+    # the validation hold-out the same way: 3 asked for, two patients (4 images) held out
+    labeled, val = sample_labeled(ids, grades, count=16, seed=0, val_count=3)
+    assert len(val) == 4 and len(labeled) == 16
+    with pytest.raises(SamplingError, match="more than the 16 labeled images"):
+        sample_labeled(ids, grades, count=17, seed=0, val_count=3)
+    with pytest.raises(SamplingError, match="leaves no labeled image"):
+        sample_labeled(ids, grades, count=1, seed=0, val_count=19)
+
+
+def test_stratification_is_by_the_patients_worse_eye(eyes):
+    ids, grades, patients = eyes
+    worse = Counter()
+    for i, g in zip(ids, grades, strict=True):
+        worse[patient_of(i, patients)] = max(worse[patient_of(i, patients)], g)
+    share = Counter(worse.values())
+    n_patients = len(worse)
+    for k in [100, 300, 600]:
+        labeled, _ = sample_labeled(ids, grades, count=k, seed=2, patients=patients)
+        got = Counter(worse[p] for p in {patient_of(i, patients) for i in labeled})
+        taken = sum(got.values())
+        for g, n in share.items():
+            assert abs(got[g] - taken * n / n_patients) <= 1.5, (k, g, got)
+
+
+def test_balanced_alternates_positive_and_negative_patients(eyes):
+    ids, grades, patients = eyes
+    grade_of = dict(zip(ids, grades, strict=True))
+    labeled, _ = sample_labeled(ids, grades, count=200, strategy="balanced", seed=0, patients=patients)
+    groups = {}
+    for i in labeled:
+        groups.setdefault(patient_of(i, patients), []).append(grade_of[i])
+    positive = sum(max(g) >= 2 for g in groups.values())
+    assert abs(positive - len(groups) / 2) <= 1  # a patient is positive when its worse eye is
+
+
+def test_one_image_per_patient_samples_as_over_images():
+    """The draws drray made before it sampled by patient, for sets whose ids name no patients
+    (and EyePACS ids with one eye each): pinned by hash."""
+    rng = np.random.default_rng(0)
+    grades = list(rng.choice(5, size=2000, p=[0.735, 0.07, 0.151, 0.024, 0.02]))
+    pinned = iter(["853132210d2d5264", "7506b02af3e497d8", "10d8e8004e15992d", "a52f6af26fb0a8b7"])
+    for ids in ([f"img{i:04d}" for i in range(2000)], [f"{i}_{'left' if i % 2 else 'right'}" for i in range(2000)]):
+        for kw in (dict(fraction=0.05, seed=1, val_count=100), dict(count=200, strategy="balanced", seed=2, val_count=50)):
+            labeled, val = sample_labeled(ids, grades, **kw)
+            digest = hashlib.sha256(("\n".join(labeled) + "|" + "\n".join(val)).encode()).hexdigest()[:16]
+            assert digest == next(pinned), kw
+
+
+def test_referable_dme_balances_on_dme_too():
+    ids = [f"img{i}" for i in range(40)]
+    grades = [0] * 40
+    dme = [1] * 10 + [0] * 30  # ten positives by DME alone
+    labeled, _ = sample_labeled(ids, grades, count=20, strategy="balanced", positive="referable_dme", dme=dme)
+    assert sum(dme[ids.index(i)] for i in labeled) == 10
+    with pytest.raises(SamplingError, match="smaller class has only 0"):
+        sample_labeled(ids, grades, count=20, strategy="balanced", positive="referable_dme")

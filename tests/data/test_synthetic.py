@@ -10,6 +10,7 @@ from drray.data.synthetic import (
     EYEPACS_CAMERA,
     EYEPACS_GRADE_P,
     exact_grades,
+    eye_pairs,
     render_fundus,
     synthesize,
 )
@@ -47,6 +48,41 @@ def test_grade_proportions_are_exact():
     grades = exact_grades(1000, EYEPACS_GRADE_P, np.random.default_rng(0))
     assert np.bincount(grades, minlength=5).tolist() == [734, 70, 151, 25, 20]
     assert len(exact_grades(3200, EYEPACS_GRADE_P, np.random.default_rng(0))) == 3200
+
+
+def agreement(left, right):
+    """Share of patients whose two eyes have the same grade, and Cohen's kappa."""
+    left, right = np.asarray(left), np.asarray(right)
+    equal = float(np.mean(left == right))
+    chance = float(np.sum(np.bincount(left, minlength=5) * np.bincount(right, minlength=5))) / len(left) ** 2
+    return equal, (equal - chance) / (1 - chance)
+
+
+def test_a_patients_two_eyes_mostly_share_their_grade():
+    grades = exact_grades(4001, EYEPACS_GRADE_P, np.random.default_rng(0))
+    paired = eye_pairs(grades, np.random.default_rng(1))
+    assert sorted(paired) == sorted(grades) and paired[-1] == grades[-1]  # the same grades: exact proportions
+    left, right = paired[0:4000:2], paired[1:4000:2]
+    equal, kappa = agreement(left, right)
+    independent, _ = agreement(grades[0:4000:2], grades[1:4000:2])  # what unpaired draws give (~0.57)
+    assert 0.8 <= equal <= 0.92 and equal > independent + 0.2 and kappa > 0.6, (equal, kappa, independent)
+    assert np.mean(np.abs(left - right) <= 1) > 0.97  # otherwise mostly one grade apart
+    referable = np.r_[right[left >= 2], left[right >= 2]]
+    assert np.mean(referable >= 2) > 0.85  # a referable eye's fellow is mostly referable too
+    assert (eye_pairs(grades, np.random.default_rng(1)) == paired).all()
+
+
+def test_synthetic_eyepacs_patients_have_two_correlated_eyes(synthetic_eyepacs):
+    for name, n in (("trainLabels.csv", 40), ("testLabels.csv", 10)):
+        rows = read_csv(synthetic_eyepacs / name)
+        grades = {r["image"]: int(r["level"]) for r in rows}
+        patients = sorted({i.split("_")[0] for i in grades})
+        assert len(patients) == n // 2 and all(f"{p}_{e}" in grades for p in patients for e in ("left", "right"))
+        counts = np.bincount(list(grades.values()), minlength=5)
+        assert (counts == np.bincount(exact_grades(n, EYEPACS_GRADE_P, np.random.default_rng(0)), minlength=5)).all()
+    rows = read_csv(synthetic_eyepacs / "trainLabels.csv")
+    left, right = [int(r["level"]) for r in rows[0::2]], [int(r["level"]) for r in rows[1::2]]
+    assert agreement(left, right)[0] >= 0.75  # 20 patients; independent draws: ~0.57
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
