@@ -96,11 +96,15 @@ class DataConfig:
 class LabelsConfig:
     """Which training images keep their labels (the rest form the unlabeled pool)."""
 
+    # The label budget: every labeled training image a method may see, validation included
+    # (count, or fraction of the labeled train images).
     fraction: float | None = None
     count: int | None = 1000
     strategy: Literal["random", "balanced"] = "random"
     seed: int = 0
-    val_count: int = 200  # held-out labeled validation images (from the non-selected train)
+    # The budget's share held out to choose epochs, stop early and fix operating thresholds.
+    # 0: no validation (last-epoch models, no early stopping, no operating point fixed).
+    validation: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -478,6 +482,8 @@ def _build(cls: type, raw: Any, prefix: str, origin: Origin) -> Any:
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = unknown[0]
+        if (why := REMOVED.get(_join(prefix, key))) is not None:
+            raise ConfigError(f"{origin.of(_join(prefix, key))}: key {_join(prefix, key)!r} was removed: {why}")
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
@@ -492,6 +498,11 @@ def _build(cls: type, raw: Any, prefix: str, origin: Origin) -> Any:
     for name, value in values.items():
         _check_range(name, value, _join(prefix, name), origin)
     return cls(**values)
+
+
+# Keys of earlier versions, and what replaced them (a plain "unknown key" would not say).
+REMOVED = {"labels.val_count": "validation images are part of the label budget since 2026-12-01; set "
+                               "labels.validation to their share of labels.count / labels.fraction (e.g. 0.2)"}
 
 
 def _over_section_default(f: dataclasses.Field, value: Any) -> Any:
@@ -600,7 +611,7 @@ RANGES: dict[str, Range] = {
                      "cpus_per_actor", "bootstrap", "mu", "augmentations", "checkpoint_every",
                      "keep_checkpoints", "prepare_batch", "proj_hidden", "proj_out", "head_hidden",
                      "concurrent_trials", "patience", "count", "counts", "num_cpus", "max_pixels"), POSITIVE_INT),
-    **dict.fromkeys(("test_n", "warmup_epochs", "val_count", "monitor_every", "max_failures", "rampup_epochs", "tsne_images",
+    **dict.fromkeys(("test_n", "warmup_epochs", "monitor_every", "max_failures", "rampup_epochs", "tsne_images",
                      "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter"),
                     NON_NEGATIVE),
     **dict.fromkeys(("hflip", "vflip", "jitter_prob", "grayscale_prob", "blur_prob", "threshold", "cutout"),
@@ -608,7 +619,7 @@ RANGES: dict[str, Range] = {
     **dict.fromkeys(("fraction", "fractions", "crop_scale"), SHARE),
     **dict.fromkeys(("lr", "temperature", "alpha", "frame_scale", "trial_cpus"), Range(0, lo_open=True)),
     **dict.fromkeys(("sensitivities", "operating_sensitivity"), Range(0, 1, lo_open=True, hi_open=True)),
-    **dict.fromkeys(("dropout", "ema_decay", "momentum"), Range(0, 1, hi_open=True)),
+    **dict.fromkeys(("dropout", "ema_decay", "momentum", "validation"), Range(0, 1, hi_open=True)),
     "size": Range(16),
     "jpeg_quality": Range(1, 100),
     "rotation": Range(0, 180),

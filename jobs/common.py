@@ -43,17 +43,23 @@ def resolved(cfg: Config, name: str) -> tuple[dict, stages.Resolved]:
 
 @dataclass(frozen=True)
 class LabeledSubset:
-    labeled: dict[str, float]  # image_id -> binary target
-    validation: dict[str, float]
-    available: int  # labeled train images outside the validation hold-out: what a fraction is of
+    labeled: dict[str, float]  # image_id -> binary target: the budget's images a method trains on
+    validation: dict[str, float]  # the budget's images that choose epochs and thresholds
+    available: int  # labeled train images in the data: what a fraction is of
+
+    @property
+    def used(self) -> int:  # the budget spent: train + validation
+        return len(self.labeled) + len(self.validation)
 
     def record(self) -> dict:
         return {"labeled": sorted(self.labeled), "validation": sorted(self.validation)}
 
 
 def labeled_subset(cfg: Config) -> LabeledSubset:
-    """The seeded, nested labeled subset and validation hold-out of the train split, both of
-    whole patients (the shards' patient_id): no patient has an eye on each side of either line."""
+    """The label budget of the train split (its train and validation parts), seeded, nested,
+    of whole patients (the shards' patient_id): no patient has an eye on each side of either
+    line. Every stage that reads a grade reads it here, and each call records what it read in
+    RUN/labels.parquet: the budget, and nothing else, is what a run spends."""
     index = read_index(cfg.data.eyepacs.prepared).to_pylist()
     rows = {r["image_id"]: r for r in index if r["split"] == "train" and r["grade"] is not None}
     if not rows:
@@ -62,11 +68,35 @@ def labeled_subset(cfg: Config) -> LabeledSubset:
     lab, positive = cfg.labels, cfg.data.positive
     labeled, validation = sample_labeled(
         ids, [rows[i]["grade"] for i in ids], fraction=lab.fraction, count=lab.count, strategy=lab.strategy,
-        seed=lab.seed, positive=positive, val_count=lab.val_count,
+        seed=lab.seed, positive=positive, validation=lab.validation,
         patients={i: rows[i]["patient_id"] for i in ids}, dme=[rows[i]["dme"] for i in ids])
     target = lambda i: float(binary_target(rows[i]["grade"], positive, rows[i]["dme"]))  # noqa: E731
-    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation},
-                         len(rows) - len(validation))
+    record_labels_read(cfg, {i: ("train", rows[i]["grade"]) for i in labeled}
+                       | {i: ("validation", rows[i]["grade"]) for i in validation})
+    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation}, len(rows))
+
+
+LABELS_FILE = "labels.parquet"  # in the run directory: every labeled training image a stage read
+
+
+def record_labels_read(cfg: Config, read: dict[str, tuple[str, int]]) -> None:
+    """Add ``read`` (image_id -> (role, grade)) to RUN/labels.parquet, the union over the run's
+    stages (a run whose stages read different budgets, e.g. table1's 100% row, lists them all)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = run_dir(cfg) / LABELS_FILE
+    known = {r["image_id"]: (r["role"], r["grade"]) for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+    if all(known.get(i) == v for i, v in read.items()):
+        return
+    # an image read for training by any stage was trained on: "train" wins over "validation"
+    merged = {i: min(v, known.get(i, v)) for i, v in read.items()} | {i: v for i, v in known.items() if i not in read}
+    table = pa.table({"image_id": list(merged), "role": [v[0] for v in merged.values()],
+                      "grade": pa.array([v[1] for v in merged.values()], pa.int8())})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.sort_by("image_id"), tmp)
+    tmp.replace(path)
 
 
 def pool_ids(cfg: Config) -> list[str]:

@@ -37,7 +37,7 @@ def _probe_streams(cfg: Config, out: StageDir) -> dict:
     the labels of the run that trained it (recorded in metrics.jsonl)."""
     subset = common.labeled_subset(cfg)
     if not subset.validation:
-        say("pretrain", "monitor off: labels.val_count is 0, so the probe has no images to vote on")
+        say("pretrain", "monitor off: labels.validation is 0, so the probe has no images to vote on")
         return {}
     prepared, size = cfg.data.eyepacs.prepared, cfg.data.size
     out.append_metrics(

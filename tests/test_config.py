@@ -231,3 +231,9 @@ def test_every_method_of_a_paper_config_starts_alike():
     assert scratch.pretrain.optim.name == "lars" and scratch.distill.optim.lr == scratch.supervised.optim.lr
     assert (scratch.data, scratch.labels, scratch.pretrain.epochs) == (paper.data, paper.labels, paper.pretrain.epochs)
     check_settings(scratch, files=True)
+
+
+def test_a_removed_key_says_what_replaced_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'labels.val_count' was removed: validation images are part of the "
+                                          r"label budget .* set labels.validation"):
+        load_config(REPO / "configs" / "ci.yaml", ["labels.val_count=40"])

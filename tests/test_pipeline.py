@@ -120,7 +120,12 @@ def test_each_training_stage_wrote_what_the_next_one_reads(run):
     assert [r.get("val_auc") is not None for r in lines if "epoch" in r] == [True, True]
     assert (teacher / "best" / "model.pt").is_file() and (teacher / "model" / "model.pt").is_file()
     subset = json.loads((teacher / "subset.json").read_text())
-    assert len(subset["labeled"]) == cfg.labels.count and len(subset["validation"]) == cfg.labels.val_count
+    budget = len(subset["labeled"]) + len(subset["validation"])  # validation inside the budget
+    assert cfg.labels.count <= budget <= cfg.labels.count + 1
+    assert abs(len(subset["validation"]) - cfg.labels.validation * budget) <= 1
+    spent = pq.read_table(run / "labels.parquet").to_pylist()  # every label any stage read, and no other
+    assert {r["image_id"] for r in spent} == set(subset["labeled"]) | set(subset["validation"])
+    assert {r["image_id"] for r in spent if r["role"] == "validation"} == set(subset["validation"])
     _, meta = load_model(next(run.glob("student-*")) / "model")
     assert meta["spec"]["backbone"] == cfg.distill.backbone and meta["spec"]["kind"] == "classifier"
     join = json.loads((next(run.glob("distill-*")) / "pseudolabel_join.json").read_text())

@@ -217,7 +217,8 @@ def write_partition(path: str | Path, mapping: Mapping[str, str], *, seed: int, 
         "written_by": "drray", "what": PARTITION_WHAT, "drray_version": drray.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "file": path.name, "seed": seed, "test_fraction": test_fraction,
-        "grouping": "patient: the patients file's, else EyePACS <n>_left/<n>_right -> <n>, else the image",
+        "grouping": "patient: the patients file's, else the data set's (shards, CSV column), else EyePACS "
+                    "<n>_left/<n>_right -> <n>, else the image",
         "patients_file": {"path": str(patients_file), "sha256": sha256_file(patients_file)} if patients_file else None,
         "drawn_from": drawn_from or {},
         "counts": {
@@ -328,36 +329,38 @@ def labeled_count(n_available: int, fraction: float | None, count: int | None) -
 
 def sample_labeled(ids: Sequence[str], grades: Sequence[int], *, fraction: float | None = None,
                    count: int | None = None, strategy: str = "random", seed: int = 0,
-                   positive: str = "referable", val_count: int = 0, patients: Mapping[str, str] | None = None,
+                   positive: str = "referable", validation: float = 0.0, patients: Mapping[str, str] | None = None,
                    dme: Sequence[int | None] | None = None) -> tuple[list[str], list[str]]:
-    """(labeled subset, validation subset), both seeded, disjoint and nested across fractions,
-    both made of whole patients (``patients``: image id -> patient, else :func:`patient_of`).
+    """(train, validation): the label budget, seeded, made of whole patients (``patients``:
+    image id -> patient, else :func:`patient_of`), split into the images a method trains on and
+    the ones that choose its epochs and thresholds. Both are part of the budget: ``count`` (or
+    ``fraction`` of the labeled images) is every labeled image the method may see.
 
-    The validation patients are the tail of the stratified ordering, whatever the strategy, so
-    they are the same images for every fraction and strategy. The labeled subset is a prefix
-    of the strategy's ordering with the validation patients left out; a fraction is a fraction
-    of the images left after the validation hold-out. Counts are of images: patients are taken
-    until the count is reached, so a subset may hold one image more than asked for (the last
-    patient's second eye; :func:`_whole_patients`). ``dme`` (per image) is needed by
-    balanced sampling with ``positive="referable_dme"`` only.
+    The budget is a prefix of the strategy's ordering; walking it, a patient goes to validation
+    while that keeps validation at ``validation`` of the images so far (rounded). So both parts
+    are nested across fractions (1%'s train and validation lie inside 2%'s), and validation is
+    stratified like the budget. Counts are of images: patients are taken until the count is
+    reached, so the budget may hold one image more than asked for (the last patient's second
+    eye; :func:`_whole_patients`). ``dme`` (per image) is needed by balanced sampling with
+    ``positive="referable_dme"`` only.
     """
-    if val_count < 0 or val_count >= len(ids):
-        raise SamplingError(f"labels.val_count {val_count} must be in [0, {len(ids)})")
+    if not 0.0 <= validation < 1.0:
+        raise SamplingError(f"labels.validation {validation} must be a share of the budget in [0, 1)")
     found = _patients(ids, grades, patients, dme, positive)
-    tail = _whole_patients(reversed(_patient_order(found, "random", seed)), val_count)
-    validation = [i for p in reversed(tail) for i in p.images]
-    held_out = {p.images for p in tail}
-    available = [p for p in _patient_order(found, strategy, seed) if p.images not in held_out]
-    n_available = sum(len(p.images) for p in available)
-    if not n_available:
-        raise SamplingError(f"labels.val_count {val_count} leaves no labeled image to train on (validation "
-                            f"takes whole patients: {len(validation)} of the {len(ids)} images)")
-    k = labeled_count(n_available, fraction, count)
+    ordered = _patient_order(found, strategy, seed)
+    k = labeled_count(len(ids), fraction, count)
     if strategy == "balanced":
-        per_class = np.bincount([p.target for p in available for _ in p.images], minlength=2)
+        per_class = np.bincount([p.target for p in found for _ in p.images], minlength=2)
         if k > 2 * per_class.min():
             raise SamplingError(
                 f"balanced sampling of {k} images needs {math.ceil(k / 2)} per class, but the smaller "
                 f"class has only {per_class.min()}; use labels.strategy=random or fewer labels"
             )
-    return [i for p in _whole_patients(available, k) for i in p.images], validation
+    train, held_out, seen = [], [], 0
+    for patient in _whole_patients(ordered, k):
+        seen += len(patient.images)
+        part = held_out if len(held_out) + len(patient.images) <= round(validation * seen) else train
+        part.extend(patient.images)
+    if not train:
+        raise SamplingError(f"labels.validation {validation} of a budget of {k} images leaves none to train on")
+    return train, held_out

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from drray.config import Config, DataConfig, DatasetConfig, LabelsConfig
+from drray.config import Config, DataConfig, DatasetConfig, LabelsConfig, RunConfig
 from drray.data.shards import read_manifest, shard_paths
 from drray.data.sources import LAYOUTS, SOURCES, SourceError, collect_inputs
 from drray.data.splits import binary_target
@@ -243,10 +243,10 @@ def test_the_labeled_subset_takes_whole_patients_and_their_dme(monkeypatch, tmp_
     patient = {"a": "p1", "b": "p1", "c": "p2", "d": "p2", "e": "p3", "f": "p4"}
     for seed in range(8):
         cfg = Config(data=DataConfig(positive="referable_dme", eyepacs=ds),
-                     labels=LabelsConfig(count=1, seed=seed, val_count=1))
+                     labels=LabelsConfig(count=4, seed=seed, validation=0.5), run=RunConfig(dir=str(tmp_path / "run")))
         subset = labeled_subset(cfg)
         for part in (subset.labeled, subset.validation):
             assert {i for i in patient if patient[i] in {patient[j] for j in part}} == set(part)  # whole patients
-        assert len(subset.labeled) in (1, 2) and len(subset.validation) in (1, 2)
+        assert subset.labeled and subset.used in (4, 5)
         expected = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 0.0, "f": 0.0}  # a: grade 0, DME 1
         assert {**subset.labeled, **subset.validation} == {i: expected[i] for i in {**subset.labeled, **subset.validation}}

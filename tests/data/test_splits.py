@@ -46,25 +46,29 @@ def test_binary_target():
 
 def test_sampling_is_deterministic_and_seed_dependent(pool):
     ids, grades = pool
-    a = sample_labeled(ids, grades, fraction=0.05, seed=1, val_count=100)
-    assert a == sample_labeled(ids, grades, fraction=0.05, seed=1, val_count=100)
-    assert a != sample_labeled(ids, grades, fraction=0.05, seed=2, val_count=100)
+    a = sample_labeled(ids, grades, fraction=0.05, seed=1, validation=0.2)
+    assert a == sample_labeled(ids, grades, fraction=0.05, seed=1, validation=0.2)
+    assert a != sample_labeled(ids, grades, fraction=0.05, seed=2, validation=0.2)
     # the input order does not matter
     order = np.random.default_rng(5).permutation(len(ids))
-    shuffled = sample_labeled([ids[i] for i in order], [grades[i] for i in order], fraction=0.05, seed=1, val_count=100)
+    shuffled = sample_labeled([ids[i] for i in order], [grades[i] for i in order], fraction=0.05, seed=1,
+                              validation=0.2)
     assert shuffled == a
 
 
 @pytest.mark.parametrize("strategy", ["random", "balanced"])
-def test_subsets_are_nested_and_validation_is_fixed(pool, strategy):
+def test_the_budget_holds_its_validation_and_both_parts_are_nested(pool, strategy):
     ids, grades = pool
-    previous, val0 = set(), None
+    previous, val0 = set(), set()
     for fraction in [0.01, 0.02, 0.05, 0.1, 0.2]:
-        labeled, val = sample_labeled(ids, grades, fraction=fraction, strategy=strategy, seed=3, val_count=150)
-        assert previous <= set(labeled)
+        labeled, val = sample_labeled(ids, grades, fraction=fraction, strategy=strategy, seed=3, validation=0.25)
+        budget = round(fraction * len(ids))
+        assert len(labeled) + len(val) == budget  # validation is inside the budget, not on top
+        assert abs(len(val) - 0.25 * budget) <= 1
+        assert previous <= set(labeled) and val0 <= set(val)  # nested: train and validation
         assert not set(labeled) & set(val)
-        assert val0 is None or val == val0
-        previous, val0 = set(labeled), val
+        previous, val0 = set(labeled), set(val)
+    assert sample_labeled(ids, grades, count=40, seed=3, validation=0.0)[1] == []  # 0: no validation
 
 
 def test_random_is_stratified_by_grade(pool):
@@ -106,9 +110,9 @@ def test_count_and_fraction_errors(pool):
         label_order(ids, grades, "greedy", 0)
 
 
-def test_full_fraction_takes_everything_but_validation(pool):
+def test_full_fraction_takes_everything_validation_included(pool):
     ids, grades = pool
-    labeled, val = sample_labeled(ids, grades, fraction=1.0, seed=0, val_count=100)
+    labeled, val = sample_labeled(ids, grades, fraction=1.0, seed=0, validation=0.05)
     assert len(labeled) == 1900 and len(set(labeled) | set(val)) == 2000
 
 
@@ -240,6 +244,24 @@ def test_partition_command_on_a_raw_data_set(tmp_path):
     assert neither.exit_code != 0 and "give --prepared DIR, or --source and --images" in neither.output
 
 
+def test_partition_groups_by_the_patients_the_data_set_records(tmp_path):
+    """A folder CSV's patient_id column keeps a patient's images together, as in the shards."""
+    images = tmp_path / "clinic"
+    images.mkdir()
+    rows = ["image_id,grade,patient_id"]
+    for patient in range(12):
+        for eye in ("a", "b"):
+            (images / f"p{patient}{eye}.jpg").write_bytes(b"x")
+            rows.append(f"p{patient}{eye},0,P{patient}")
+    (images / "grades.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "split.csv"
+    result = CliRunner().invoke(main, ["partition", "--source", "folder", "--images", str(images), "--labels",
+                                       "grades.csv", "--test-fraction", "0.5", "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    split = read_partition(out)
+    assert all(split[f"p{p}a"] == split[f"p{p}b"] for p in range(12)) and "(6 / 6 patients)" in result.output
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling by patient
 # ---------------------------------------------------------------------------------------------
@@ -272,19 +294,17 @@ def whole(subset, ids, patients):
 def test_no_patient_is_on_both_sides_of_any_line_and_subsets_stay_nested(eyes, strategy):
     ids, grades, patients = eyes
     for seed in range(6):
-        previous, val0 = set(), None
+        previous, val0 = set(), set()
         for fraction in [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]:
             labeled, val = sample_labeled(ids, grades, fraction=fraction, strategy=strategy, seed=seed,
-                                          val_count=101, patients=patients)
+                                          validation=0.2, patients=patients)
             assert whole(labeled, ids, patients) and whole(val, ids, patients)  # the labeled and validation lines
             assert not set(labeled) & set(val)
-            assert previous <= set(labeled)  # nested
-            assert val0 is None or val == val0  # the same validation for every fraction
-            assert 101 <= len(val) <= 102  # whole patients: one image over at most
-            available = len(ids) - len(val)
-            want = max(1, int(available * fraction + 0.5))
-            assert want <= len(labeled) <= want + 1
-            previous, val0 = set(labeled), val
+            assert previous <= set(labeled) and val0 <= set(val)  # nested
+            want = max(1, int(len(ids) * fraction + 0.5))
+            assert want <= len(labeled) + len(val) <= want + 1  # whole patients: one image over at most
+            assert abs(len(val) - 0.2 * (len(labeled) + len(val))) <= 2
+            previous, val0 = set(labeled), set(val)
         part = random_partition(ids, 0.3, seed, patients)  # and the train/test line
         assert whole([i for i in ids if part[i] == "test"], ids, patients)
 
@@ -296,13 +316,13 @@ def test_a_count_is_met_by_whole_patients_one_image_over_at_most():
         labeled, _ = sample_labeled(ids, grades, count=k, seed=0)
         assert len(labeled) == k + k % 2  # an odd count takes the last patient's second eye too
         assert whole(labeled, ids, None)
-    # the validation hold-out the same way: 3 asked for, two patients (4 images) held out
-    labeled, val = sample_labeled(ids, grades, count=16, seed=0, val_count=3)
-    assert len(val) == 4 and len(labeled) == 16
-    with pytest.raises(SamplingError, match="more than the 16 labeled images"):
-        sample_labeled(ids, grades, count=17, seed=0, val_count=3)
-    with pytest.raises(SamplingError, match="leaves no labeled image"):
-        sample_labeled(ids, grades, count=1, seed=0, val_count=19)
+    # the validation part the same way: whole patients, a quarter of the images so far
+    labeled, val = sample_labeled(ids, grades, count=16, seed=0, validation=0.25)
+    assert len(val) == 4 and len(labeled) == 12 and whole(val, ids, None)
+    with pytest.raises(SamplingError, match="more than the 20 labeled images"):
+        sample_labeled(ids, grades, count=21, seed=0)
+    with pytest.raises(SamplingError, match="leaves none to train on"):
+        sample_labeled(ids, grades, count=2, seed=0, validation=0.99)
 
 
 def test_stratification_is_by_the_patients_worse_eye(eyes):
@@ -331,14 +351,16 @@ def test_balanced_alternates_positive_and_negative_patients(eyes):
     assert abs(positive - len(groups) / 2) <= 1  # a patient is positive when its worse eye is
 
 
-def test_one_image_per_patient_samples_as_over_images():
-    """The draws drray made before it sampled by patient, for sets whose ids name no patients
-    (and EyePACS ids with one eye each): pinned by hash."""
+def test_the_draw_is_pinned():
+    """The label budgets drray draws, for sets whose ids name no patients (and EyePACS ids with
+    one eye each), pinned by hash: a change to the draw shows here, and it retrains every stage
+    that reads labels. (Last changed 2026-12-01: validation moved inside the budget.)"""
     rng = np.random.default_rng(0)
     grades = list(rng.choice(5, size=2000, p=[0.735, 0.07, 0.151, 0.024, 0.02]))
-    pinned = iter(["853132210d2d5264", "7506b02af3e497d8", "10d8e8004e15992d", "a52f6af26fb0a8b7"])
+    pinned = iter(["7f6e9fbd781370df", "ec987944913bc348", "3ff6156a990eb0b9", "0842a55388459f45"])
     for ids in ([f"img{i:04d}" for i in range(2000)], [f"{i}_{'left' if i % 2 else 'right'}" for i in range(2000)]):
-        for kw in (dict(fraction=0.05, seed=1, val_count=100), dict(count=200, strategy="balanced", seed=2, val_count=50)):
+        for kw in (dict(fraction=0.05, seed=1, validation=0.2), dict(count=200, strategy="balanced", seed=2,
+                                                                    validation=0.25)):
             labeled, val = sample_labeled(ids, grades, **kw)
             digest = hashlib.sha256(("\n".join(labeled) + "|" + "\n".join(val)).encode()).hexdigest()[:16]
             assert digest == next(pinned), kw
