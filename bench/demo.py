@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, write_section  # noqa: E402
+from drray import report  # noqa: E402
 
 OUT = Path(__file__).with_name("out") / "demo"
 
@@ -45,7 +46,7 @@ def main() -> None:
                     "--set", f"run.dir={OUT}"], check=True)
     total = time.perf_counter() - started
     stages = json.loads((OUT / "pipeline.json").read_text())["invocations"][-1]["stages"]
-    metrics = json.loads((OUT / "metrics.json").read_text())["results"]
+    metrics = report.rows_at(json.loads((OUT / "metrics.json").read_text()))
     write_section("Demo pipeline (bench/demo.py)", _table(args, stages, metrics, total))
     print(f"demo pipeline: {total:.0f} s")
 

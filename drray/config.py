@@ -618,7 +618,7 @@ RANGES: dict[str, Range] = {
                     PROBABILITY),
     **dict.fromkeys(("fraction", "fractions", "crop_scale"), SHARE),
     **dict.fromkeys(("lr", "temperature", "alpha", "frame_scale", "trial_cpus"), Range(0, lo_open=True)),
-    **dict.fromkeys(("sensitivities", "operating_sensitivity"), Range(0, 1, lo_open=True, hi_open=True)),
+    **dict.fromkeys(("sensitivities", "operating_sensitivity", "prevalence"), Range(0, 1, lo_open=True, hi_open=True)),
     **dict.fromkeys(("dropout", "ema_decay", "momentum", "validation"), Range(0, 1, hi_open=True)),
     "size": Range(16),
     "jpeg_quality": Range(1, 100),

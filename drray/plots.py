@@ -1,6 +1,6 @@
 """Figures for the evaluation and the report (matplotlib, no display needed): ROC curves per
-test set with every model overlaid, t-SNE panels of penultimate features, training curves,
-AUC against label fraction for a sweep."""
+test set with every model overlaid, reliability diagrams, t-SNE panels of penultimate features,
+training curves, AUC against label fraction for a sweep."""
 
 from __future__ import annotations
 
@@ -31,6 +31,27 @@ def roc_figure(curves: dict[str, dict], title: str, path: str | Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def reliability_figure(panels: dict[str, dict[str, list[dict]]], title: str, path: str | Path) -> Path:
+    """Reliability diagrams: observed share of positives against mean predicted probability per
+    bin, one line per model, a marker's area its bin's count; the dotted diagonal is perfect
+    calibration. ``panels``: panel title -> model -> bins (drray.metrics.reliability_bins)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+    for ax, (panel, models) in zip(axes[0], panels.items(), strict=True):
+        for i, (model, bins) in enumerate(models.items()):
+            found = [b for b in bins if b["n"]]
+            total = sum(b["n"] for b in found) or 1
+            ax.plot([b["mean_prob"] for b in found], [b["observed"] for b in found], color=f"C{i}", label=model)
+            ax.scatter([b["mean_prob"] for b in found], [b["observed"] for b in found], color=f"C{i}",
+                       s=[10 + 200 * b["n"] / total for b in found], alpha=0.6)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="mean predicted probability", ylabel="observed share referable", title=panel,
+               xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

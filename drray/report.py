@@ -6,6 +6,8 @@ RUN/config.resolved.yaml. Rebuilding it never reruns anything.
 It is written not to mislead: it says when the data are synthetic, keeps the paper's numbers in
 a table of their own, judges every claim with DeLong's test rather than the point estimates,
 gives every proportion its counts and interval, and marks the epoch whose model was evaluated.
+Its screening summary is per patient (the worse eye), with the headings a STARD-AI / TRIPOD+AI
+reader looks for: data sources, reference standard, operating point, missing and ungradable data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 
 from drray.artifacts import RESOLVED_CONFIG, StageDir, atomic_write_text, read_mark
 from drray.config import Config, run_dir
+from drray.metrics import NO_REFERENCE, NOT_AN_INPUT, NOT_GRADABLE
 
 # The paper's Table 1 (2% = 1,000 EyePACS labels; supervised_100: all of them): (method, architecture, EyePACS test, Messidor-2)
 PAPER = {
@@ -35,6 +38,11 @@ PAPER = {
 }
 PAPER_TITLE = "Paper (real EyePACS/Messidor-2, 299 px), for reference, not reproduced by this run"
 TEST_SETS = {"eyepacs_test": "EyePACS-style test", "external": "Messidor-2-style external"}
+DATA_OF = {"eyepacs_test": "eyepacs", "external": "external"}  # the data set a test set is drawn from
+# The reference standard's positive class (data.positive), in words.
+POSITIVE = {"referable": "referable DR, ICDR grade >= 2 (moderate non-proliferative DR or worse)",
+            "any_dr": "any DR, ICDR grade >= 1",
+            "referable_dme": "referable DR or diabetic macular oedema: ICDR grade >= 2, or a graded DME risk >= 1"}
 ALPHA = 0.05  # DeLong p below which a difference between two AUCs counts as shown
 # The paper's ordering, student >= teacher > supervised, as the pairwise claims it is made of.
 ORDERING = (("student", ">=", "teacher"), ("teacher", ">", "supervised"))
@@ -97,7 +105,8 @@ def data_sets(run: Path) -> dict[str, dict]:
         source = [s for s in (manifest.get("source"), ds.get("source")) if s and s != "synthetic"]
         out[name] = {"source": source[0] if source else "?",  # the layout: eyepacs, messidor2, folder
                      "synthetic": _synthetic(manifest, images, ds), "images": images,
-                     "size": manifest.get("params", {}).get("size") or data.get("size")}
+                     "size": manifest.get("params", {}).get("size") or data.get("size"),
+                     "label_files": [f["path"] for f in manifest.get("label_files", [])]}
     return out
 
 
@@ -140,6 +149,7 @@ def _blocks(run: Path, sets: dict[str, dict]) -> list[tuple]:
     blocks += paper_blocks()
     blocks += _ordering(metrics)
     blocks += _operating_points(metrics, stages)
+    blocks += screening_blocks(run, metrics, stages, sets)
     blocks += _figures(run, stages, metrics, models)
     blocks += _stage_table(stages, run_config(run))
     blocks += _data(run, stages, sets)
@@ -151,17 +161,19 @@ def _models(run: Path) -> dict[str, dict]:
 
 
 def labels_text(run: Path, stages: dict[str, dict], stage: str = "teacher") -> str:
-    """The labeled subset a stage trained on, as a share of the train split and a count."""
+    """The labels a stage spent (train + validation: the budget), as a share of the train split."""
     return _labels_in(run, stages.get(stage, {}).get("dir"))
 
 
 def _labels_in(run: Path, stage_dir: str | Path | None) -> str:
     subset = StageDir(Path(stage_dir or "/nonexistent")).subset_file
-    count = len(json.loads(subset.read_text())["labeled"]) if subset.is_file() else None
-    train = _read_json(run / "data.json").get("eyepacs", {}).get("by_split", {}).get("train")
-    if count is None:
+    if not subset.is_file():
         return "?"
-    return f"{100 * count / train:.1f}% ({count})" if train else str(count)
+    parts = json.loads(subset.read_text())
+    fit, held = len(parts["labeled"]), len(parts.get("validation", []))
+    train = _read_json(run / "data.json").get("eyepacs", {}).get("by_split", {}).get("train")
+    used = f"{fit + held} = {fit} train + {held} validation"
+    return f"{100 * (fit + held) / train:.1f}% ({used})" if train else used
 
 
 def _trained_in(name: str, models: dict, stages: dict[str, dict]) -> str | None:
@@ -181,11 +193,28 @@ def model_labels(run: Path, name: str, models: dict, stages: dict[str, dict]) ->
     return text
 
 
+def rows_at(metrics: dict, unit: str = "image") -> list[dict]:
+    """metrics.json's result rows at one unit (image, or patient: the worse eye). Rows an older
+    drray wrote have no unit: they are image rows."""
+    return [r for r in metrics["results"] if r.get("unit", "image") == unit]
+
+
+def delong_at(metrics: dict, unit: str = "image") -> list[dict]:
+    """metrics.json's DeLong rows at one unit (older rows: images)."""
+    return [d for d in metrics["delong"] if d.get("unit", "image") == unit]
+
+
+def _bootstrap_text(metrics: dict) -> str:
+    b = metrics["bootstrap"]
+    what = "patients (each with all its images)" if b.get("resampled") == "patients" else "images"
+    return f"percentile bootstrap 95% interval resampling {what} ({b['resamples']} resamples, seed {b['seed']})"
+
+
 def _results(run: Path, metrics: dict, models: dict, stages: dict[str, dict], sets: dict[str, dict]) -> list[tuple]:
-    by = {(r["model"], r["test_set"]): r for r in metrics["results"]}
+    by = {(r["model"], r["test_set"]): r for r in rows_at(metrics)}
     tests = [s for s in TEST_SETS if any(k[1] == s for k in by)]
     rows = []
-    for name in dict.fromkeys(r["model"] for r in metrics["results"]):
+    for name in dict.fromkeys(r["model"] for r in rows_at(metrics)):
         cells = [name, models.get(name, {}).get("spec", {}).get("backbone", "?"), model_labels(run, name, models, stages)]
         for s in tests:
             r = by.get((name, s))
@@ -194,8 +223,7 @@ def _results(run: Path, metrics: dict, models: dict, stages: dict[str, dict], se
         rows.append(cells)
     header = ["model", "architecture", "labels used"] + [f"{TEST_SETS[s]}: AUC [95% CI] (images, referable)" for s in tests]
     return [("h2", "Results (Table 1 layout)"),
-            ("p", "AUC of referable DR on each test set with a percentile bootstrap 95% interval "
-                  f"({metrics['bootstrap']['resamples']} resamples, seed {metrics['bootstrap']['seed']}), and the "
+            ("p", f"AUC of referable DR on each test set's images with a {_bootstrap_text(metrics)}, and the "
                   "test set's images and referable (positive) images. Labels used: the labeled train images the "
                   f"model's stage trained on, as a share of the train split. This run: {_scale(sets)}. "
                   "The paper's numbers are in the next table, not here: other data, image size and backbones."),
@@ -235,8 +263,8 @@ RULE = (f"Each claim is judged by DeLong's test of the two AUCs on the same imag
 
 def _ordering(metrics: dict) -> list[tuple]:
     """Does the paper's ordering (student >= teacher > supervised) hold here, and how sure is it?"""
-    by = {(r["model"], r["test_set"]): r for r in metrics["results"]}
-    delong = {(d["test_set"], frozenset((d["model_a"], d["model_b"]))): d for d in metrics["delong"]}
+    by = {(r["model"], r["test_set"]): r for r in rows_at(metrics)}
+    delong = {(d["test_set"], frozenset((d["model_a"], d["model_b"]))): d for d in delong_at(metrics)}
     rows, lines = [], []
     for s, label in TEST_SETS.items():
         if not all((m, s) in by and (s, frozenset((m, n))) in delong for m, _, n in ORDERING):
@@ -253,13 +281,15 @@ def _ordering(metrics: dict) -> list[tuple]:
                      + ").")
     if not lines:
         return []
-    delong_rows = [[d["test_set"], d["model_a"], d["model_b"], f"{d['auc_a'] - d['auc_b']:+.3f}", f"{d['z']:.2f}",
-                    f"{d['p']:.3g}"] for d in metrics["delong"] if d["test_set"] != "validation"]
+    delong_rows = [[d["test_set"], d.get("unit", "image"), d["model_a"], d["model_b"], f"{d['auc_a'] - d['auc_b']:+.3f}",
+                    f"{d['z']:.2f}", f"{d['p']:.3g}"] for d in metrics["delong"] if d["test_set"] != "validation"]
     return [("h2", "The paper's ordering: student >= teacher > supervised"), ("p", RULE),
             ("table", ["test set", "claim", "AUC A [95% CI]", "AUC B [95% CI]", "A - B", "DeLong p", "verdict"], rows),
             *[("p", line) for line in lines],
-            ("p", "DeLong's test for two correlated AUCs on the same images (two-sided), every pair:"),
-            ("table", ["test set", "model A", "model B", "AUC A - B", "z", "p"], delong_rows)]
+            ("p", "DeLong's test for two correlated AUCs on the same images (two-sided), every pair, per image and per "
+                  "patient (worse eye). Its variance is taken over patients (Obuchowski's clustered form: a patient's "
+                  "eyes are not two independent images); the ordering above is judged per image, as the paper's:"),
+            ("table", ["test set", "unit", "model A", "model B", "AUC A - B", "z", "p"], delong_rows)]
 
 
 def _auc(r: dict) -> str:
@@ -268,19 +298,23 @@ def _auc(r: dict) -> str:
 
 def _operating_points(metrics: dict, stages: dict[str, dict]) -> list[tuple]:
     rows = []
-    for r in metrics["results"]:
+    for r in rows_at(metrics):
         if r["test_set"] == "validation":
             continue
         for op in r["operating_points"]:
             rows.append([r["model"], r["test_set"], f"{op['target_sensitivity']:.0%}", f"{op['threshold']:.3f}",
-                         _proportion(op, "sensitivity", "tp", "fn"), _proportion(op, "specificity", "tn", "fp")])
+                         _proportion(op, "sensitivity", "tp", "fn"), _proportion(op, "specificity", "tn", "fp"),
+                         _proportion(op, "ppv", "tp", "fp"), _proportion(op, "npv", "tn", "fn")])
     blocks = [("h2", "Operating points"),
               ("p", "Thresholds chosen on the validation hold-out to reach the target sensitivity, then applied "
-                    "unchanged to the test sets. Sensitivity: referable images flagged / referable images; "
-                    "specificity: non-referable images passed / non-referable images; each with its counts and a "
-                    "95% Wilson score interval (a test set's few referable images make the sensitivity's wide)."),
+                    "unchanged to the test sets. Per image: sensitivity: referable images flagged / referable images; "
+                    "specificity: non-referable images passed / non-referable images; PPV: referable among the flagged; "
+                    "NPV: non-referable among the passed; each with its counts and a 95% Wilson score interval (a test "
+                    "set's few referable images make the sensitivity's wide), widened by the design effect over patients "
+                    "where a patient's two eyes agree. Per patient: the screening summary."),
               ("table", ["model", "test set", "target sensitivity (validation)", "threshold",
-                         "sensitivity (count) [95% CI]", "specificity (count) [95% CI]"], rows)]
+                         "sensitivity (count) [95% CI]", "specificity (count) [95% CI]", "PPV (count) [95% CI]",
+                         "NPV (count) [95% CI]"], rows)]
     if any("tp" not in op for r in metrics["results"] for op in r["operating_points"]):
         where = stages.get("evaluate", {}).get("dir") or "RUN/evaluate-<key>"
         blocks.append(("p", f"This evaluation ({where}) was made before drray recorded the counts: remove that "
@@ -289,10 +323,152 @@ def _operating_points(metrics: dict, stages: dict[str, dict]) -> list[tuple]:
 
 
 def _proportion(op: dict, name: str, hit: str, miss: str) -> str:
+    if name not in op:  # PPV and NPV: not recorded before
+        return "not recorded"
     if hit not in op:
         return f"{op[name]:.3f} (counts not recorded)"
+    if op[name] is None:  # a PPV with nothing flagged
+        return f"none ({op[hit]}/{op[hit] + op[miss]})"
     lo, hi = op[f"{name}_ci"]
     return f"{op[name]:.3f} ({op[hit]}/{op[hit] + op[miss]}) [{lo:.3f}, {hi:.3f}]"
+
+
+# --- the screening summary (per patient) ---------------------------------------------------------
+
+
+SCREENING = "Screening summary (per patient)"
+
+
+def screening_blocks(run: Path, metrics: dict, stages: dict[str, dict], sets: dict[str, dict]) -> list[tuple]:
+    """Per test set, the numbers a screening study reports per patient, its reliability diagram
+    and imageability; then data sources, reference standard, operating point and missing data."""
+    patients = rows_at(metrics, "patient")
+    if not patients:
+        where = stages.get("evaluate", {}).get("dir") or "RUN/evaluate-<key>"
+        return [("h2", SCREENING), ("p", f"This evaluation ({where}) was made before drray recorded per-patient "
+                                         "results: remove that folder and run `drray run evaluate` to add them.")]
+    evaluation = Path(stages.get("evaluate", {}).get("dir") or "/nonexistent")
+    blocks: list[tuple] = [("h2", SCREENING), ("p", _screening_intro(metrics))]
+    for test_set, label in TEST_SETS.items():
+        rows = [r for r in patients if r["test_set"] == test_set]
+        if not rows:
+            continue
+        header, table = screening_table(rows, metrics)
+        blocks += [("h3", label), ("table", header, table)]
+        if test_set in metrics.get("imageability", {}):
+            blocks.append(("p", imageability_text(metrics["imageability"][test_set])))
+        if (evaluation / f"reliability_{test_set}.png").is_file():  # copied to figures/ with the others
+            blocks.append(("img", f"figures/reliability_{test_set}.png", f"reliability {test_set}".replace("_", " "),
+                           f"Reliability diagrams on the {label} set, per image (left) and per patient (right, the "
+                           f"worse eye's probability): observed share referable against mean predicted probability in "
+                           f"{metrics.get('calibration_bins', 10)} equal-width bins, a marker's area its bin's share; "
+                           "the dotted diagonal is perfect calibration."))
+    return blocks + _stard_blocks(run, metrics, sets)
+
+
+def _screening_intro(metrics: dict) -> str:
+    prevalence = metrics.get("prevalence")
+    at = (f" PPV and NPV are also given at a prevalence of {prevalence:.1%} (evaluate.prevalence), by Bayes' rule "
+          "from the sensitivity and specificity." if prevalence is not None else "")
+    return ("One row per model: the test set's patients, each judged by its worse eye (its highest probability; "
+            "positive when any of its images is). AUC with a " + _bootstrap_text(metrics) + "; sensitivity, "
+            "specificity, PPV and NPV at the stored operating point, with patient counts and 95% Wilson intervals; "
+            "Brier score (mean squared error of the probability) and expected calibration error (ECE, "
+            f"{metrics.get('calibration_bins', 10)} equal-width bins). The worse eye's probability is a score, not a "
+            "calibrated probability that the patient is referable: its Brier score and ECE say how far it is from "
+            "one." + at)
+
+
+def stored_point(row: dict, metrics: dict) -> dict | None:
+    """The row's operating point at the sensitivity stored with the model (for drray predict);
+    None when no validation image fixed one (labels.validation 0)."""
+    if not row["operating_points"]:
+        return None
+    target = metrics.get("operating_points", {}).get(row["model"], {}).get("target_sensitivity")
+    return next((op for op in row["operating_points"] if op["target_sensitivity"] == target), row["operating_points"][0])
+
+
+def screening_table(rows: list[dict], metrics: dict) -> tuple[list[str], list[list[str]]]:
+    at = metrics.get("prevalence") is not None
+    header = ["model", "patients (referable)", "AUC [95% CI]", "operating point", "sensitivity (count) [95% CI]",
+              "specificity (count) [95% CI]", "PPV (count) [95% CI]", "NPV (count) [95% CI]"]
+    header += [f"PPV at {metrics['prevalence']:.1%} [95% CI]", f"NPV at {metrics['prevalence']:.1%} [95% CI]"] if at else []
+    table = []
+    for r in rows:
+        op = stored_point(r, metrics)
+        if op is None:
+            table.append([r["model"], f"{r['n']} ({r['positives']})", _auc(r), "none: no validation images fixed one",
+                          *[""] * (len(header) - 4), f"{r['brier']:.3f}", f"{r['ece']:.3f}"])
+            continue
+        cells = [r["model"], f"{r['n']} ({r['positives']})", _auc(r), f"{op.get('name', op['target_sensitivity'])} "
+                 f"(threshold {op['threshold']:.3f})", _proportion(op, "sensitivity", "tp", "fn"),
+                 _proportion(op, "specificity", "tn", "fp"), _proportion(op, "ppv", "tp", "fp"),
+                 _proportion(op, "npv", "tn", "fn")]
+        if at:
+            cells += [_interval(op["ppv_at_prevalence"], op["ppv_at_prevalence_ci"]),
+                      _interval(op["npv_at_prevalence"], op["npv_at_prevalence_ci"])]
+        table.append(cells + [f"{r['brier']:.3f}", f"{r['ece']:.3f}"])
+    return header + ["Brier", "ECE"], table
+
+
+def _interval(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _counts(by_kind: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in by_kind.items()) or "none"
+
+
+def imageability_text(i: dict) -> str:
+    share = _interval(i["imageability"], i["imageability_ci"]) if i["imageability"] is not None else "none"
+    return (f"Imageability: {share} ({i['prepared']} of {i['prepared'] + i['not_gradable']} input photographs graded "
+            f"by the system; {i['scope']}). Not gradable: {_counts(i['not_gradable_by_kind'])}. Left out of it: not an "
+            f"input: {_counts(i['not_an_input'])}; no reference standard: {_counts(i['no_reference'])}. Prepared but "
+            f"without a grade (not evaluated): {i['ungraded']}.")
+
+
+def _stard_blocks(run: Path, metrics: dict, sets: dict[str, dict]) -> list[tuple]:
+    config = run_config(run)
+    positive = (config.get("data") or {}).get("positive", "referable")
+    sources = []
+    for test_set, label in TEST_SETS.items():
+        image_rows = [r for r in rows_at(metrics) if r["test_set"] == test_set]
+        if not image_rows:
+            continue
+        name, s = DATA_OF[test_set], sets.get(DATA_OF[test_set])
+        split = "its test split" if test_set == "eyepacs_test" else "all of it"
+        where = "not recorded (no data.json entry)"
+        if s:
+            kind = "synthetic images (`drray synth`)" if s["synthetic"] else f"{s['source']} photographs"
+            labels = ", ".join(f"`{f}`" for f in s.get("label_files", [])) or "label files not recorded"
+            where = f"{kind} in `{s['images']}` at {s['size']} px, grades from {labels}"
+        sources.append(f"{label}: the {name} data set, {split}: {image_rows[0]['n']} graded images of "
+                       f"{image_rows[0].get('patients', '?')} patients. Source: {where}.")
+    points = metrics.get("operating_points", {})
+    chosen = "; ".join(f"{m} {p['threshold']:.3f}" for m, p in points.items())
+    first = next(iter(points.values()), {})
+    return [
+        ("h3", "Data sources"), *[("p", line) for line in sources],
+        ("h3", "Reference standard"),
+        ("p", f"Each image's DR grade (ICDR scale 0-4) as its data set's label files give it, not re-graded here. "
+              f"Positive: {POSITIVE.get(positive, positive)} (data.positive: {positive}). A patient is positive when "
+              "any of its evaluated images is; images without a grade are not evaluated."),
+        ("h3", "Operating point choice"),
+        ("p", f"Chosen before testing, on the validation hold-out ({first.get('validation_images', '?')} images of the "
+              "EyePACS-style train split, none of them in a test set): the highest threshold whose sensitivity on "
+              f"the validation images reaches {first.get('target_sensitivity', 0):.0%} (evaluate.operating_sensitivity), "
+              "then applied unchanged to every test set and stored with each model for `drray predict`. A patient "
+              f"is flagged when any of its images is. Thresholds: {chosen or 'not recorded'}."),
+        ("h3", "Missing and ungradable data"), ("p", MISSING_RULE),
+    ]
+
+
+MISSING_RULE = ("Counts from each prepared set's manifest and rejects (drray prepare). Imageability counts against "
+                "the system every input photograph it could not grade: " + ", ".join(sorted(NOT_GRADABLE)) + ", and "
+                "any reject kind not named here. Not an input: " + ", ".join(sorted(NOT_AN_INPUT)) + "; no reference "
+                "standard (its labels are unusable, so the image was not prepared): " + ", ".join(sorted(NO_REFERENCE))
+                + ". Both are left out of imageability; the Data table gives every reject kind of every data set. "
+                "Prepared images without a grade are graded by the system but have no reference: not evaluated.")
 
 
 def _figures(run: Path, stages: dict[str, dict], metrics: dict, models: dict) -> list[tuple]:
@@ -304,7 +480,9 @@ def _figures(run: Path, stages: dict[str, dict], metrics: dict, models: dict) ->
     blocks: list[tuple] = [("h2", "Figures")]
     for png in sorted(evaluation.glob("*.png")) if evaluation.is_dir() else []:
         shutil.copyfile(png, figures / png.name)
-        blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " "), _evaluation_caption(png.stem, metrics)))
+        if not png.stem.startswith("reliability_"):  # shown in the screening summary
+            blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " "),
+                           _evaluation_caption(png.stem, metrics)))
     training, published = {}, {}
     for name, entry in stages.items():  # every stage that trained (it logged epochs)
         records = StageDir(Path(entry.get("dir") or "/nonexistent")).metrics()
@@ -339,11 +517,13 @@ def handed_on(stage_dir: Path, models: dict, records: list[dict]) -> tuple[int, 
 
 def _evaluation_caption(stem: str, metrics: dict) -> str:
     test_set = stem.removeprefix("roc_")
-    r = next((r for r in metrics["results"] if r["test_set"] == test_set), None)
+    r = next((r for r in rows_at(metrics) if r["test_set"] == test_set), None)
     if stem.startswith("roc_") and r is not None:
         return (f"ROC curves on the {TEST_SETS.get(test_set, test_set)} set ({r['n']} images, "
                 f"{r.get('positives', '?')} referable), every model overlaid; the legend gives each AUC with its "
                 "95% bootstrap CI, the dotted diagonal is chance.")
+    if stem.startswith("reliability_"):
+        return f"Reliability diagrams on the {TEST_SETS.get(stem.removeprefix('reliability_'), stem)} set."
     if stem == "tsne":
         return ("t-SNE of each model's penultimate-layer features on a sample of the external set (the EyePACS-style "
                 "test split without one): blue non-referable, red referable. A picture, not a measure: distances "
@@ -558,8 +738,8 @@ def sweep_markdown(run: Path) -> str:
 def markdown(blocks: list[tuple]) -> str:
     out, figure = [], 0
     for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(("# " if kind == "h1" else "## ") + args[0])
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + args[0])
         elif kind == "p":
             out.append(args[0])
         elif kind == "note":  # what a reader must know before any number: a quote block at the top
@@ -594,7 +774,7 @@ def _html(blocks: list[tuple], run: Path) -> str:
     esc = html.escape
     body, figure = [], 0
     for kind, *args in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{inline(args[0])}</{kind}>")
         elif kind == "p":
             body.append(f"<p>{inline(args[0])}</p>")

@@ -121,8 +121,9 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
 @main.command()
 @click.option("--source", type=click.Choice(SOURCE_CHOICES), required=True,
               help="Label format: eyepacs (trainLabels.csv / testLabels.csv: image,level[,Usage]), "
-                   "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split], split one of "
-                   "train/val/test, any case; valid and validation mean val); the public sets as they "
+                   "messidor2 (Krause messidor_data.csv), folder (CSV image_id,grade[,split][,patient_id][,dme], "
+                   "split one of train/val/test, any case; valid and validation mean val; dme 0-2, the "
+                   "risk of macular oedema); the public sets as they "
                    "unpack, their label files found without --labels: aptos (APTOS 2019: train.csv, "
                    "train_images/; test_images/ as unlabeled training images), idrid (IDRiD disease "
                    "grading: B. Disease Grading/; ids train/IDRiD_001, test/IDRiD_001), ddr (DDR: "
@@ -155,10 +156,15 @@ def synth(out: Path, n: int, style: str, test_n: int, seed: int, original_size: 
               help="Pool all images and draw a seeded train/test partition with this share of the "
                    "patients as test (as drray partition does; EyePACS 10_left/10_right are patient 10).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --test-fraction.")
+@click.option("--patients", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV image_id,patient_id (e.g. Messidor-2's exams; ids as label rows name images): each "
+                   "shard row's patient_id, so that splits and label subsets keep a patient's images "
+                   "together. Without it: a folder CSV's patient_id column, EyePACS 10_left -> 10, else "
+                   "each image is its own patient (APTOS, IDRiD, DDR publish no patients).")
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray instance.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input was rejected.")
-def prepare(source, images, id_from, labels, out, size, image_format, partition, test_fraction, seed, num_cpus,
-            strict) -> None:
+def prepare(source, images, id_from, labels, out, size, image_format, partition, test_fraction, seed, patients,
+            num_cpus, strict) -> None:
     """Prepare raw fundus photographs: find the fundus, centre, crop, resize, write Parquet shards.
 
     Runs as a Ray Data job (decoding at reduced scale in parallel). Every input is accounted
@@ -173,7 +179,7 @@ def prepare(source, images, id_from, labels, out, size, image_format, partition,
     try:
         manifest = prepare_source(source=source, images=images, labels=list(labels), out=out, params=params,
                                   id_from=id_from, partition=str(partition) if partition else None,
-                                  test_fraction=test_fraction, seed=seed, num_cpus=num_cpus)
+                                  test_fraction=test_fraction, seed=seed, num_cpus=num_cpus, patients=patients)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     counts = manifest["counts"]
@@ -225,8 +231,8 @@ def partition(prepared, source, images, labels, id_from, test_fraction, seed, pa
         raise click.UsageError("give --prepared DIR, or --source and --images of a raw data set")
     try:
         check_partition_out(out)
-        ids, drawn_from = _partition_ids(prepared, source, images, list(labels), id_from, out)
-        patient_of = read_patients(patients) if patients else None
+        ids, drawn_from, known = _partition_ids(prepared, source, images, list(labels), id_from, out)
+        patient_of = {**known, **(read_patients(patients) if patients else {})}
         mapping = random_partition(ids, test_fraction, seed, patient_of)
         manifest = write_partition(out, mapping, seed=seed, test_fraction=test_fraction, patients=patient_of,
                                    patients_file=patients, drawn_from=drawn_from)
@@ -239,12 +245,14 @@ def partition(prepared, source, images, labels, id_from, test_fraction, seed, pa
 
 
 def _partition_ids(prepared: Path | None, source: str | None, images: Path | None, labels: list[Path],
-                   id_from: str, out: Path) -> tuple[list[str], dict]:
-    """The ids a partition is drawn over, and where they came from (for the manifest)."""
+                   id_from: str, out: Path) -> tuple[list[str], dict, dict[str, str]]:
+    """The ids a partition is drawn over, where they came from (for the manifest), and each
+    one's patient as the data set knows it (the shards', or the source's: exam file, CSV column)."""
     if prepared is not None:
         from drray.data.shards import read_index
 
-        ids = read_index(prepared, ["image_id"])["image_id"].to_pylist()
+        index = read_index(prepared, ["image_id", "patient_id"]).to_pydict()
+        ids, known = index["image_id"], dict(zip(index["image_id"], index["patient_id"], strict=True))
         drawn_from = {"prepared": str(prepared)}
     else:
         from drray.data.sources import collect_inputs
@@ -253,11 +261,12 @@ def _partition_ids(prepared: Path | None, source: str | None, images: Path | Non
             raise click.UsageError(f"--out {out} lies inside --images {images}: write the partition elsewhere")
         report = collect_inputs(source, images, labels, id_from)
         ids = [i.image_id for i in report.items if not i.reject]
+        known = {i.image_id: i.patient_id for i in report.items if not i.reject and i.patient_id}
         drawn_from = {"source": source, "images": str(images), "id_from": id_from,
                       "label_files": [str(p) for p in report.label_files]}
     if not ids:
         raise click.ClickException(f"no images to partition in {prepared or images}")
-    return ids, drawn_from
+    return ids, drawn_from, known
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -569,9 +578,11 @@ def report(run_dir: Path) -> None:
 
 
 def _pipeline_summary(result: dict) -> str:
+    from drray.report import rows_at
+
     metrics = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
-    lines = ["", f"{'model':<12} {'test set':<14} {'AUC':>6}  95% CI"]
-    for r in metrics["results"]:
+    lines = ["", f"{'model':<12} {'test set':<14} {'AUC':>6}  95% CI (per image; per patient in the report)"]
+    for r in rows_at(metrics, "image"):
         if r["test_set"] != "validation":
             lo, hi = r["auc_ci"]
             lines.append(f"{r['model']:<12} {r['test_set']:<14} {r['auc']:>6.3f}  [{lo:.3f}, {hi:.3f}]")

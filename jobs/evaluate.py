@@ -4,17 +4,24 @@ Every model (``evaluate.models``, or every model in ``RUN/models``) predicts on 
 hold-out, the EyePACS-style test split and the external (Messidor-2-style) set in one Ray Data
 pipeline. Written to ``RUN/evaluate-<key>/`` (and ``RUN/metrics.json``):
 
-    predictions.parquet  image_id, target (int8), prob (float32), model, test_set
-    metrics.json         per model and test set: n, positives, AUC with a 95% bootstrap CI,
-                         sensitivity/specificity at operating points chosen on validation data
-                         (with tp, fn, tn, fp and 95% Wilson intervals);
-                         DeLong's test between every two models on the same images
-    roc_<set>.png        ROC curves, every model overlaid
+    predictions.parquet  image_id, patient_id, target (int8), prob (float32), model, test_set
+    metrics.json         per model, test set and unit (``image``; ``patient``: the worse eye):
+                         n, positives, patients, AUC with a 95% patient-bootstrap CI, Brier
+                         score, ECE and reliability bins, and at each operating point chosen on
+                         validation data sensitivity, specificity, PPV and NPV with their counts
+                         and 95% Wilson intervals (design-effect adjusted at image level), PPV
+                         and NPV at ``evaluate.prevalence``; DeLong's test (Obuchowski's
+                         clustered form) between every two models on the same images, per unit;
+                         each test set's imageability (from its prepared set's manifest)
+    roc_<set>.png        ROC curves, every model overlaid (images)
+    reliability_<set>.png  reliability diagrams, images and patients, every model overlaid
     tsne.png             t-SNE of penultimate-layer features on the external set (the paper's
                          Figure 4: Messidor-2), or the EyePACS test split without one
 
-The operating threshold (``evaluate.operating_sensitivity`` on validation) is stored in each
-``RUN/models/<name>/meta.json`` for ``drray predict``.
+Eyes of one patient are correlated: every interval and test treats the patient as the
+independent unit (drray.metrics). The operating threshold (``evaluate.operating_sensitivity`` on
+validation images) is stored in each ``RUN/models/<name>/meta.json`` for ``drray predict``; a
+patient is flagged when any of its images is, as ``drray predict`` decides.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drray.artifacts import Legacy, StageDir, atomic_directory, atomic_write_json, sha256_file
-from drray.config import Config, run_dir, stages_dir
-from drray.data.shards import read_index
-from drray.data.splits import binary_target
+from drray.config import Config, ConfigError, run_dir, stages_dir
+from drray.data.shards import read_index, read_manifest
+from drray.data.splits import binary_target, patient_of
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import (
     Inference,
@@ -45,12 +52,18 @@ from drray.distributed.prepare import ensure_prepared
 from drray.engine.checkpoint import classifier_meta, read_meta
 from drray.metrics import (
     bootstrap_auc_ci,
+    brier_score,
+    clustered_delong_test,
+    clustered_wilson_interval,
     confusion_counts,
-    delong_test,
+    expected_calibration_error,
+    imageability,
+    predictive_value_intervals,
+    predictive_values,
+    reliability_bins,
     roc_auc,
-    sensitivity_specificity,
     threshold_at_sensitivity,
-    wilson_interval,
+    worse_eye,
 )
 from drray.progress import say
 from jobs import common, stages
@@ -59,6 +72,25 @@ log = logging.getLogger(__name__)
 # An evaluation folder written before drray marked its output folders (see drray.artifacts).
 EVALUATION_LEGACY = Legacy("metrics.json", frozenset({"metrics.json", "predictions.parquet", "*.png", "done.json"}))
 VALIDATION, EYEPACS_TEST, EXTERNAL = "validation", "eyepacs_test", "external"
+IMAGE, PATIENT = UNITS = ("image", "patient")
+CALIBRATION_BINS = 10  # equal-width probability bins of the ECE and the reliability diagram
+# metrics.json's layout, in the stage key: an evaluation written in an older layout is redone.
+# 2: a row per unit (image, patient), patient_id in predictions.parquet, PPV/NPV, Brier, ECE.
+CONTRACT = 2
+# How each number is made, written into metrics.json for its readers.
+METHODS = {
+    "auc_ci": "percentile bootstrap resampling patients (each with all its images)",
+    "proportion_ci": "Wilson score interval; at image level at the effective sample size n / design effect over "
+                     "patients (Rao & Scott); at patient level the counts are patients",
+    "delong": "DeLong's test in Obuchowski's (1997) clustered form, patients the clusters (at patient level each "
+              "patient is one unit: plain DeLong)",
+    "patient": "worse eye: the patient's highest probability; its target 1 when any of its images is positive",
+    "operating_point": "threshold chosen on the validation images at the target sensitivity, applied unchanged",
+    "ece": f"{CALIBRATION_BINS} equal-width bins [b/{CALIBRATION_BINS}, (b+1)/{CALIBRATION_BINS}): "
+           "sum_b n_b/n |observed_b - mean_prob_b|",
+    "at_prevalence": "PPV/NPV by Bayes' rule from sensitivity and specificity; interval from the corners of their "
+                     "intervals at level sqrt(0.95) each",
+}
 
 
 def models_of(cfg: Config) -> dict[str, Path]:
@@ -85,19 +117,32 @@ def models_of(cfg: Config) -> dict[str, Path]:
 def labeled_targets(prepared: str, positive: str, split: str | None) -> dict[str, float]:
     """image_id -> binary target of the graded images of a prepared set (one split, or all)."""
     rows = read_index(prepared).to_pylist()
-    return {r["image_id"]: float(binary_target(r["grade"], positive)) for r in rows
+    return {r["image_id"]: float(binary_target(r["grade"], positive, r.get("dme"))) for r in rows
             if r["grade"] is not None and (split is None or r["split"] == split)}
 
 
+def patients_of(prepared: str) -> dict[str, str]:
+    """image_id -> patient_id of a prepared set: its shards' column, or for shards without one
+    EyePACS's rule (10_left -> 10; else the image is its own patient)."""
+    return {r["image_id"]: r.get("patient_id") or patient_of(r["image_id"]) for r in read_index(prepared).to_pylist()}
+
+
 def evaluation_sets(cfg: Config) -> dict[str, Selection]:
-    """The sets every model is evaluated on (the data is prepared: see ``run``)."""
+    """The sets every model is evaluated on (the data is prepared: see ``run``), each image with
+    its target and its patient."""
     size, positive = cfg.data.size, cfg.data.positive
+
+    def graded(prepared: str, split: str | None, targets: dict[str, float], patients: dict[str, str]) -> Selection:
+        return Selection.clean(prepared, size, split=split, targets=targets, patients={i: patients[i] for i in targets})
+
     eyepacs = cfg.data.eyepacs.prepared
-    sets = {VALIDATION: Selection.clean(eyepacs, size, split="train", targets=common.labeled_subset(cfg).validation),
-            EYEPACS_TEST: Selection.clean(eyepacs, size, split="test", targets=labeled_targets(eyepacs, positive, "test"))}
+    patients = patients_of(eyepacs)
+    validation = common.labeled_subset(cfg).validation  # empty with labels.validation 0: no operating point
+    sets = {VALIDATION: graded(eyepacs, "train", validation, patients)} if validation else {}
+    sets[EYEPACS_TEST] = graded(eyepacs, "test", labeled_targets(eyepacs, positive, "test"), patients)
     if cfg.data.external is not None:
         external = cfg.data.external.prepared
-        sets[EXTERNAL] = Selection.clean(external, size, split=None, targets=labeled_targets(external, positive, None))
+        sets[EXTERNAL] = graded(external, None, labeled_targets(external, positive, None), patients_of(external))
     empty = [name for name, sel in sets.items() if not sel.targets]
     if empty:
         raise ValueError(f"evaluate: no graded images in {', '.join(empty)}")
@@ -108,11 +153,14 @@ def stage_dir(cfg: Config, models: dict[str, Path], manifest: dict, external: di
     """``<run.stages>/evaluate-<key>``: evaluate is the one stage whose key holds its inputs'
     content (the models it is given, which any checkpoint folder can be), not upstream keys."""
     key = stages.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
-                        stages.data_key(cfg, manifest), external["content_hash"] if external else None)
+                        stages.data_key(cfg, manifest), external["content_hash"] if external else None, CONTRACT)
     return StageDir(stages_dir(cfg).resolve() / f"evaluate-{key}")
 
 
 def run(cfg: Config) -> dict:
+    prevalence = cfg.evaluate.prevalence
+    if prevalence is not None and not 0 < prevalence < 1:
+        raise ConfigError(f"key 'evaluate.prevalence': {prevalence!r} is out of range (allowed: (0, 1), or null)")
     manifest = common.prepared_eyepacs(cfg)
     external = ensure_prepared("external", cfg.data.external, cfg) if cfg.data.external else None
     models = models_of(cfg)
@@ -127,7 +175,7 @@ def run(cfg: Config) -> dict:
     shutil.copyfile(out / "metrics.json", run_dir(cfg) / "metrics.json")
     _store_operating_points(cfg, models, metrics)
     return {"stage": "evaluate", "dir": str(out), "skipped": skipped, "results": [
-        {k: r[k] for k in ("model", "test_set", "n", "auc", "auc_ci")} for r in metrics["results"]]}
+        {k: r[k] for k in ("model", "test_set", "unit", "n", "auc", "auc_ci")} for r in metrics["results"]]}
 
 
 def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
@@ -139,14 +187,14 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
     columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
     with atomic_directory(out, what="evaluation folder", legacy=EVALUATION_LEGACY) as tmp:
         _write_predictions(columns, models, tmp / "predictions.parquet")
-        metrics = compute_metrics(columns, models, cfg)
+        metrics = {**compute_metrics(columns, models, cfg), "imageability": test_set_imageability(cfg)}
         _figures(columns, models, metrics, cfg, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
         StageDir(tmp).write_done({"stage": "evaluate", "models": {n: str(p) for n, p in models.items()}})
 
 
 def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:
-    keep = ["image_id", "target", "test_set"] + [prob_column(m) for m in models]
+    keep = ["image_id", "patient_id", "target", "test_set"] + [prob_column(m) for m in models]
     parts: dict[str, list] = {k: [] for k in keep}
     for batch in batches:
         tests = batch["test_set"] == tsne_set  # features only where the t-SNE needs them
@@ -160,63 +208,156 @@ def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:
 
 def _write_predictions(columns: dict, models: dict, path: Path) -> None:
     tables = [pa.table({
-        "image_id": columns["image_id"].astype(str), "target": columns["target"].astype(np.int8),
-        "prob": columns[prob_column(m)].astype(np.float32), "model": [m] * len(columns["image_id"]),
+        "image_id": columns["image_id"].astype(str), "patient_id": columns["patient_id"].astype(str),
+        "target": columns["target"].astype(np.int8), "prob": columns[prob_column(m)].astype(np.float32), "model": [m] * len(columns["image_id"]),
         "test_set": columns["test_set"].astype(str),
     }) for m in models]
     pq.write_table(pa.concat_tables(tables), path)
 
 
 def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
-    """Every number of the evaluation, from the prediction columns."""
+    """Every number of the evaluation, from the prediction columns: a row per model, test set
+    and unit, and DeLong's test between every two models per test set and unit."""
     ev = cfg.evaluate
-    sets = [s for s in dict.fromkeys(columns["test_set"].tolist())]
-    of = {s: columns["test_set"] == s for s in sets}
-    y_val = columns["target"][of[VALIDATION]]
-    targets = sorted({*ev.sensitivities, ev.operating_sensitivity})
-    thresholds = {m: {s: threshold_at_sensitivity(y_val, columns[prob_column(m)][of[VALIDATION]], s) for s in targets}
-                  for m in models}
+    y_val = columns["target"][columns["test_set"] == VALIDATION]
+    # Thresholds are fixed on the validation images only, never on a test set: without any
+    # (labels.validation 0) no operating point is fixed, and drray predict asks for --threshold.
+    wanted = sorted({*ev.sensitivities, ev.operating_sensitivity}) if y_val.size else []
+    thresholds = {m: {s: threshold_at_sensitivity(y_val, columns[prob_column(m)][columns["test_set"] == VALIDATION], s)
+                      for s in wanted} for m in models}
     results, comparisons = [], []
-    for test_set in sets:
-        y = columns["target"][of[test_set]]
-        for m in models:
-            p = columns[prob_column(m)][of[test_set]]
-            auc = roc_auc(y, p)
-            lo, hi = bootstrap_auc_ci(y, p, ev.bootstrap, ev.seed)
-            points = [operating_point(y, p, thresholds[m][s], s) for s in ev.sensitivities]
-            results.append({"model": m, "test_set": test_set, "n": int(len(y)), "positives": int(y.sum()),
-                            "auc": auc, "auc_ci": [lo, hi], "operating_points": points})
-        for a, b in itertools.combinations(models, 2):
-            test = delong_test(y, columns[prob_column(a)][of[test_set]], columns[prob_column(b)][of[test_set]])
-            comparisons.append({"test_set": test_set, "model_a": a, "model_b": b, **test})
-    operating = {m: {"threshold": thresholds[m][ev.operating_sensitivity], "target_sensitivity":
-                     ev.operating_sensitivity, "chosen_on": VALIDATION, "validation_images": int(of[VALIDATION].sum())}
-                 for m in models}
-    return {"results": results, "delong": comparisons, "operating_points": operating,
-            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95}}
+    for test_set in dict.fromkeys(columns["test_set"].tolist()):
+        for unit in UNITS:
+            y, clusters, probs = unit_columns(columns, models, test_set, unit)
+            for m in models:
+                results.append({"model": m, "test_set": test_set, "unit": unit,
+                                **unit_result(y, probs[m], clusters, thresholds[m], ev)})
+            comparisons += _comparisons(y, clusters, probs, test_set, unit)
+    operating = {m: {"name": point_name(ev.operating_sensitivity), "threshold": thresholds[m][ev.operating_sensitivity],
+                     "target_sensitivity": ev.operating_sensitivity, "chosen_on": VALIDATION,
+                     "validation_images": int(y_val.size)} for m in models if thresholds[m]}
+    return {"contract": CONTRACT, "results": results, "delong": comparisons, "operating_points": operating,
+            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95, "resampled": "patients"},
+            "calibration_bins": CALIBRATION_BINS, "prevalence": ev.prevalence, "methods": METHODS}
 
 
-def operating_point(targets: np.ndarray, probs: np.ndarray, threshold: float, target: float) -> dict:
-    """One operating point on a test set: sensitivity and specificity with the counts they are
-    made of and their 95% Wilson intervals (a test set's few positives make them wide)."""
+def _comparisons(y: np.ndarray, clusters: np.ndarray, probs: dict, test_set: str, unit: str) -> list[dict]:
+    """DeLong's test (clustered) between every two models; none where the set has too few
+    patients of a class for a variance (said in the log, and the report then judges nothing)."""
+    out = []
+    for a, b in itertools.combinations(probs, 2):
+        try:
+            test = clustered_delong_test(y, probs[a], probs[b], clusters)
+        except ValueError as exc:
+            log.warning("evaluate: no DeLong test on %s per %s: %s", test_set, unit, exc)
+            return []
+        out.append({"test_set": test_set, "unit": unit, "model_a": a, "model_b": b, **test})
+    return out
+
+
+def unit_columns(columns: dict, models: dict, test_set: str, unit: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A test set's targets, each unit's patient (the clusters) and every model's scores: per
+    image, or per patient (worse eye; each patient then its own cluster)."""
+    chosen = columns["test_set"] == test_set
+    y, patients = columns["target"][chosen], columns["patient_id"][chosen]
+    probs = {m: columns[prob_column(m)][chosen] for m in models}
+    if unit == IMAGE:
+        return y, patients, probs
+    ids, y, probs = worse_eye(patients, y, probs)
+    return y, ids, probs
+
+
+def unit_result(y: np.ndarray, p: np.ndarray, clusters: np.ndarray, thresholds: dict[float, float], ev) -> dict:
+    """One model on one test set at one unit."""
+    lo, hi = bootstrap_auc_ci(y, p, ev.bootstrap, ev.seed, clusters=clusters)
+    return {"n": int(len(y)), "positives": int(y.sum()), "patients": int(len(set(clusters.tolist()))),
+            "auc": roc_auc(y, p), "auc_ci": [lo, hi], "brier": brier_score(y, p),
+            "ece": expected_calibration_error(y, p, CALIBRATION_BINS),
+            "reliability": reliability_bins(y, p, CALIBRATION_BINS),
+            "operating_points": [operating_point(y, p, thresholds[s], s, clusters, ev.prevalence)  # the stored one too
+                                 for s in dict.fromkeys([*ev.sensitivities, ev.operating_sensitivity])
+                                 if s in thresholds]}
+
+
+def point_name(target: float) -> str:
+    """An operating point as ``drray predict`` names it."""
+    return f"{target:.0%} sensitivity on {VALIDATION}"
+
+
+def operating_point(targets: np.ndarray, probs: np.ndarray, threshold: float, target: float,
+                    clusters: np.ndarray | None = None, prevalence: float | None = None) -> dict:
+    """One operating point on a test set: sensitivity, specificity, PPV and NPV with the counts
+    they are made of and their 95% Wilson intervals (a test set's few positives make them wide;
+    over images, widened by how much a patient's images agree: :func:`clustered_wilson_interval`),
+    and PPV and NPV at ``prevalence`` when one is given."""
     c = confusion_counts(targets, probs, threshold)
-    sensitivity, specificity = sensitivity_specificity(targets, probs, threshold)
-    return {"target_sensitivity": target, "threshold": threshold, "sensitivity": sensitivity,
-            "specificity": specificity, **c, "sensitivity_ci": list(wilson_interval(c["tp"], c["tp"] + c["fn"])),
-            "specificity_ci": list(wilson_interval(c["tn"], c["tn"] + c["fp"]))}
+    positive, flagged = np.asarray(targets) == 1, np.asarray(probs) >= threshold
+    clusters = np.arange(len(positive)) if clusters is None else np.asarray(clusters)
+
+    def share(hits: np.ndarray, among: np.ndarray, level: float = 0.95) -> tuple[float | None, list[float]]:
+        ci = list(clustered_wilson_interval(hits[among], clusters[among], level))
+        return (float(hits[among].mean()) if among.any() else None), ci
+
+    (sensitivity, sensitivity_ci), (specificity, specificity_ci) = share(flagged, positive), share(~flagged, ~positive)
+    (ppv, ppv_ci), (npv, npv_ci) = share(positive, flagged), share(~positive, ~flagged)
+    point = {"name": point_name(target), "target_sensitivity": target, "threshold": threshold,
+             "sensitivity": sensitivity or 0.0, "specificity": specificity or 0.0,  # 0 without a positive / negative
+             "ppv": ppv, "npv": npv, **c,  # None when nothing is flagged / passed
+             "sensitivity_ci": sensitivity_ci, "specificity_ci": specificity_ci, "ppv_ci": ppv_ci, "npv_ci": npv_ci,
+             "prevalence": prevalence}
+    if prevalence is not None:
+        # each at sqrt(0.95): the two hold together 95% of the time (positives and negatives are other units)
+        level = 0.95 ** 0.5
+        ppv_p, npv_p = predictive_values(point["sensitivity"], point["specificity"], prevalence)
+        ppv_p_ci, npv_p_ci = predictive_value_intervals(share(flagged, positive, level)[1],
+                                                        share(~flagged, ~positive, level)[1], prevalence)
+        point.update(ppv_at_prevalence=ppv_p, ppv_at_prevalence_ci=ppv_p_ci,
+                     npv_at_prevalence=npv_p, npv_at_prevalence_ci=npv_p_ci)
+    return point
+
+
+def test_set_imageability(cfg: Config) -> dict[str, dict]:
+    """Per test set, the share of its input photographs that could be graded (its prepared
+    set's manifest counts; drray.metrics.imageability says which reject kinds count)."""
+    out = {EYEPACS_TEST: prepared_imageability(cfg.data.eyepacs.prepared, "test")}
+    if cfg.data.external is not None:
+        out[EXTERNAL] = prepared_imageability(cfg.data.external.prepared, None)
+    return out
+
+
+def prepared_imageability(prepared: str, split: str | None) -> dict:
+    """Imageability of one split of a prepared set (None: all of it), and the split's prepared
+    images without a grade (not evaluated). A rejects.parquet that records no split gives the
+    whole set's imageability, and ``scope`` says so."""
+    counts = read_manifest(prepared)["counts"]
+    index = read_index(prepared, ["image_id", "grade", "split"]).to_pylist()
+    in_split = [r for r in index if split is None or r["split"] == split]
+    rejects = pq.read_table(Path(prepared) / "rejects.parquet")
+    if split is not None and "split" in rejects.column_names:
+        kinds = [k for k, s in zip(rejects.column("kind").to_pylist(), rejects.column("split").to_pylist(), strict=True)
+                 if s == split]
+        by_kind, scope, prepared_n = {k: kinds.count(k) for k in sorted(set(kinds))}, f"the {split} split", len(in_split)
+    else:
+        by_kind, prepared_n = counts["rejected_by_reason"], counts["prepared"]
+        scope = "the whole prepared set" + (f" (its rejects record no split, so not the {split} split alone)"
+                                            if split is not None else "")
+    return {"prepared_dir": str(prepared), "scope": scope, "inputs": counts["inputs"],
+            **imageability(prepared_n, by_kind), "ungraded": sum(r["grade"] is None for r in in_split)}
 
 
 def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path) -> None:
-    from drray.plots import roc_figure, tsne_figure
+    from drray.plots import reliability_figure, roc_figure, tsne_figure
 
     for test_set in dict.fromkeys(columns["test_set"].tolist()):
         if test_set == VALIDATION:
             continue
         chosen = columns["test_set"] == test_set
+        rows = [r for r in metrics["results"] if r["test_set"] == test_set]
         curves = {r["model"]: {"targets": columns["target"][chosen], "probs": columns[prob_column(r["model"])][chosen],
-                               "auc": r["auc"], "auc_ci": r["auc_ci"]}
-                  for r in metrics["results"] if r["test_set"] == test_set}
+                               "auc": r["auc"], "auc_ci": r["auc_ci"]} for r in rows if r["unit"] == IMAGE}
         roc_figure(curves, f"ROC, {test_set}", out / f"roc_{test_set}.png")
+        panels = {f"per {unit}": {r["model"]: r["reliability"] for r in rows if r["unit"] == unit} for unit in UNITS}
+        reliability_figure(panels, f"Reliability, {test_set}", out / f"reliability_{test_set}.png")
     if cfg.evaluate.tsne_images == 0:
         return
     tsne_set = _tsne_set(columns["test_set"])
@@ -244,5 +385,9 @@ def _store_operating_points(cfg: Config, models: dict[str, Path], metrics: dict)
         if path.parent != published:
             continue
         meta = read_meta(path)
+        if name not in metrics["operating_points"]:  # no validation images: none fixed
+            meta.pop("operating_point", None)
+            atomic_write_json(path / "meta.json", meta)
+            continue
         meta["operating_point"] = metrics["operating_points"][name]
         atomic_write_json(path / "meta.json", meta)

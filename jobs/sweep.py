@@ -164,7 +164,7 @@ def trial_record(cfg: Config, spec: dict) -> dict:
     invocations = json.loads((out / "pipeline.json").read_text())["invocations"]
     seconds = sum(s["seconds"] for inv in invocations for s in inv["stages"])
     results = [{"method": r["model"], "test_set": r["test_set"], "auc": r["auc"], "ci_low": r["auc_ci"][0],
-                "ci_high": r["auc_ci"][1], "n": r["n"], "positives": r["positives"]} for r in metrics["results"]]
+                "ci_high": r["auc_ci"][1], "n": r["n"], "positives": r["positives"]} for r in report.rows_at(metrics)]
     return {**spec, "labeled": subset.used, "validation": len(subset.validation), "available": subset.available, "seconds": round(seconds, 1),
             "attempts": len((out / "attempts.jsonl").read_text().splitlines()), "results": results}
 

@@ -64,10 +64,10 @@ def run(cfg: Config) -> dict:
 def rows(run) -> list[dict]:
     metrics = json.loads((run / "metrics.json").read_text())
     models = {p.parent.name: json.loads(p.read_text()) for p in sorted((run / "models").glob("*/meta.json"))}
-    by = {(r["model"], r["test_set"]): r for r in metrics["results"]}
+    by = {(r["model"], r["test_set"]): r for r in report.rows_at(metrics)}  # Table 1 is per image, as the paper's
     stages = report.stage_entries(run)
     subset, full = report.labels_text(run, stages), report.labels_text(run, stages, "supervised_100")
-    delong = {(d["test_set"], frozenset((d["model_a"], d["model_b"]))): d["p"] for d in metrics["delong"]}
+    delong = {(d["test_set"], frozenset((d["model_a"], d["model_b"]))): d["p"] for d in report.delong_at(metrics)}
     out = []
     for name, labels in ROWS:
         paper = report.PAPER.get(name)

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from drray.config import load_config
 from tests.conftest import REPO
@@ -138,10 +138,16 @@ def test_evaluation_numbers_are_sklearns_on_the_written_predictions(run):
     predictions = pq.read_table(evaluation / "predictions.parquet").to_pandas()
     assert set(predictions["model"]) == {"teacher", "student", "supervised"}
     assert set(predictions["test_set"]) == {"validation", "eyepacs_test", "external"}
+    assert list(predictions.columns) == ["image_id", "patient_id", "target", "prob", "model", "test_set"]
+    assert {r["unit"] for r in metrics["results"]} == {"image", "patient"}
     for r in metrics["results"]:
         rows = predictions[(predictions["model"] == r["model"]) & (predictions["test_set"] == r["test_set"])]
-        assert len(rows) == r["n"] and rows["image_id"].is_unique
+        assert rows["image_id"].is_unique and r["patients"] == rows["patient_id"].nunique()
+        if r["unit"] == "patient":  # worse eye: highest probability, positive when any image is
+            rows = rows.groupby("patient_id").agg(target=("target", "max"), prob=("prob", "max"))
+        assert len(rows) == r["n"]
         assert r["auc"] == pytest.approx(roc_auc_score(rows["target"], rows["prob"]), abs=1e-12)
+        assert r["brier"] == pytest.approx(brier_score_loss(rows["target"], rows["prob"]), abs=1e-12)
         assert r["auc_ci"][0] <= r["auc"] <= r["auc_ci"][1]
         assert [op["target_sensitivity"] for op in r["operating_points"]] == [0.9, 0.95]
     test_n = predictions[(predictions["model"] == "student") & (predictions["test_set"] == "eyepacs_test")]
@@ -157,7 +163,7 @@ def test_report_and_published_models(run):
     assert "Results (Table 1 layout)" in report and "student >= teacher > supervised" in report
     assert "figures/roc_external.png" in report and "| prepare |" in report
     page = (run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and 'src="figures' not in page  # self-contained
+    assert page.count("data:image/png;base64,") == 6 and 'src="figures' not in page  # self-contained
     for name in ("teacher", "student", "supervised"):
         meta = json.loads((run / "models" / name / "meta.json").read_text())
         assert 0 <= meta["operating_point"]["threshold"] <= 1 and meta["preprocessing"]["size"] == 32
@@ -226,12 +232,13 @@ def test_table1_adds_the_baselines_and_the_full_label_row_to_the_same_run(run):
     table = pq.read_table(run / "table1.parquet").to_pylist()
     methods = ["supervised_100", "supervised", "mixmatch", "fixmatch", "teacher", "student"]
     assert [r["method"] for r in table] == [m for m in methods for _ in ("eyepacs_test", "external")]
-    metrics = {(r["model"], r["test_set"]): r for r in json.loads((run / "metrics.json").read_text())["results"]}
+    metrics = {(r["model"], r["test_set"]): r for r in json.loads((run / "metrics.json").read_text())["results"]
+               if r["unit"] == "image"}
     for r in table:
         assert r["auc"] == metrics[(r["method"], r["test_set"])]["auc"] and r["ci_low"] <= r["auc"] <= r["ci_high"]
         assert (r["p_vs_student"] is None) == (r["method"] == "student") and r["paper_auc"] is not None
-    assert {r["labels"] for r in table if r["method"] == "supervised_100"} == {"83.3% (200)"}
-    assert {r["labels"] for r in table if r["method"] == "fixmatch"} == {"16.7% (40)"}
+    assert {r["labels"] for r in table if r["method"] == "supervised_100"} == {"100.0% (240 = 120 train + 120 validation)"}
+    assert {r["labels"] for r in table if r["method"] == "fixmatch"} == {"33.3% (80 = 40 train + 40 validation)"}
     assert "| fixmatch |" in (run / "table1.md").read_text() and "| fixmatch |" in result.stdout
     for method in ("fixmatch", "mixmatch"):  # the published weights are the EMA, not the raw weights
         stage = next(run.glob(f"{method}-*"))

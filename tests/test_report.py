@@ -1,6 +1,7 @@
 """The report from a small fake run directory (no Ray, no training): what it must say so that it
 cannot mislead: synthetic data, the paper apart, labels and positives, claims judged with their
-tests, final stage states, captions, the published epoch, operating points with counts and CIs."""
+tests, final stage states, captions, the published epoch, operating points with counts and CIs,
+and a per-patient screening summary with the headings a STARD-AI / TRIPOD+AI reader looks for."""
 
 import json
 import re
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from drray import plots, report
+from drray.metrics import imageability, reliability_bins
 
 LABELED, TRAIN = 40, 240
 
@@ -39,11 +41,28 @@ def stage_dir(run: Path, name: str, val_aucs: list[float | None], published: str
 
 
 def result(model: str, test_set: str, auc: float, counts: bool = True) -> dict:
+    """An image row as an evaluation before per-patient rows wrote it (counts: with its counts)."""
     op = {"target_sensitivity": 0.9, "threshold": 0.25, "sensitivity": 0.9, "specificity": 0.5}
     if counts:
         op.update(tp=45, fn=5, tn=100, fp=100, sensitivity_ci=[0.7864, 0.9565], specificity_ci=[0.4314, 0.5686])
     return {"model": model, "test_set": test_set, "n": 250, "positives": 50, "auc": auc,
             "auc_ci": [auc - 0.05, auc + 0.05], "operating_points": [op]}
+
+
+def unit_rows(model: str, test_set: str, auc: float) -> list[dict]:
+    """An image row and a patient row as the evaluation writes them now."""
+    image = result(model, test_set, auc)
+    image["operating_points"][0].update(name="90% sensitivity on validation", ppv=45 / 145, npv=100 / 105,
+                                        ppv_ci=[0.24, 0.39], npv_ci=[0.89, 0.98], prevalence=0.05,
+                                        ppv_at_prevalence=0.087, ppv_at_prevalence_ci=[0.07, 0.11],
+                                        npv_at_prevalence=0.9896, npv_at_prevalence_ci=[0.98, 0.995])
+    calibration = {"brier": 0.125, "ece": 0.0625, "reliability": reliability_bins([0, 1], [0.2, 0.8])}
+    patient = {**image, "unit": "patient", "n": 150, "positives": 30, "patients": 150, "auc": auc + 0.01,
+               "auc_ci": [auc - 0.04, auc + 0.06], **calibration,
+               "operating_points": [{**image["operating_points"][0], "tp": 27, "fn": 3, "tn": 60, "fp": 60,
+                                     "sensitivity_ci": [0.74, 0.97], "specificity_ci": [0.41, 0.59],
+                                     "ppv": 27 / 87, "npv": 60 / 63}]}
+    return [{**image, "unit": "image", "patients": 150, **calibration}, patient]
 
 
 def delong(test_set: str, a: str, b: str, auc_a: float, auc_b: float, p: float) -> dict:
@@ -59,23 +78,34 @@ P = {"eyepacs_test": {("student", "teacher"): 0.01, ("teacher", "supervised"): 0
      "external": {("student", "teacher"): 0.99, ("teacher", "supervised"): 0.001, ("student", "supervised"): 0.001}}
 
 
-def fake_run(root: Path, *, synthetic: bool = True, counts: bool = True) -> Path:
+def fake_run(root: Path, *, synthetic: bool = True, counts: bool = True, patients: bool = True) -> Path:
     run = root / "run"
     images = root / "raw"
     images.mkdir(parents=True)
     prepared = root / "prepared"
     write_json(prepared / "manifest.json", {"source": "synthetic" if synthetic else "eyepacs", "images": str(images),
-                                            "params": {"size": 64}})
+                                            "params": {"size": 64}, "label_files": [{"path": "raw/trainLabels.csv"}]})
     stages = {name: stage_dir(run, name, aucs) for name, aucs in
               (("teacher", [0.6, 0.8, 0.7]), ("supervised", [0.5, 0.6]), ("student", [0.7, 0.9, 0.8, 0.75]))}
     stages["pretrain"] = stage_dir(run, "pretrain", [None, None], published=None)
     evaluation = run / "evaluate-0123456789"
     evaluation.mkdir()
     Image.new("RGB", (8, 8)).save(evaluation / "roc_eyepacs_test.png")
-    write_json(run / "metrics.json", {
+    metrics = {
         "results": [result(m, s, auc, counts) for s, by in AUCS.items() for m, auc in by.items()],
         "delong": [delong(s, a, b, AUCS[s][a], AUCS[s][b], p) for s, pairs in P.items() for (a, b), p in pairs.items()],
-        "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95}})
+        "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95}}
+    if patients:  # the evaluation's current layout: a row per unit, imageability, a reliability diagram
+        Image.new("RGB", (8, 8)).save(evaluation / "reliability_eyepacs_test.png")
+        metrics.update(
+            results=[row for s, by in AUCS.items() for m, auc in by.items() for row in unit_rows(m, s, auc)],
+            delong=[{**d, "unit": unit} for d in metrics["delong"] for unit in ("image", "patient")],
+            bootstrap={**metrics["bootstrap"], "resampled": "patients"}, calibration_bins=10, prevalence=0.05,
+            operating_points={m: {"name": "90% sensitivity on validation", "threshold": 0.25, "target_sensitivity": 0.9,
+                                  "chosen_on": "validation", "validation_images": 40} for m in AUCS["external"]},
+            imageability={"eyepacs_test": {"scope": "the whole prepared set", "ungraded": 2, **imageability(
+                294, {"no_fundus": 4, "corrupt": 2, "unsupported_format": 1})}})
+    write_json(run / "metrics.json", metrics)
     write_json(run / "data.json", {"eyepacs": {
         "prepared_dir": str(prepared), "inputs": 300, "prepared": 300, "rejected": 0, "rejected_by_reason": {},
         "by_split": {"train": TRAIN, "test": 60}, "by_grade": {"0": 250, "2": 50}}})
@@ -150,9 +180,9 @@ def test_every_results_row_shows_its_labels_and_the_test_sets_images_and_positiv
     rows = rows_of(md, "Results (Table 1 layout)")
     assert rows[0].startswith("| model | architecture | labels used |")
     teacher = next(r for r in rows if r.startswith("| teacher |"))
-    assert "| 16.7% (40) |" in teacher and teacher.count("(n=250, 50 referable)") == 2
+    assert "| 17.1% (41 = 40 train + 1 validation) |" in teacher and teacher.count("(n=250, 50 referable)") == 2
     student = next(r for r in rows if r.startswith("| student |"))
-    assert "16.7% (40) + the teacher's pseudo-labels on 240 pool images" in student
+    assert "17.1% (41 = 40 train + 1 validation) + the teacher's pseudo-labels on 240 pool images" in student
 
 
 @pytest.mark.parametrize("difference, p, expected", [
@@ -198,10 +228,12 @@ def test_a_stage_left_running_by_a_killed_invocation_is_not_shown_running():
 
 def test_every_figure_has_a_visible_caption(built):
     md, page, _ = built
-    assert re.search(r"!\[roc eyepacs test\]\(figures/roc_eyepacs_test.png\)\n\n\*Figure 1\. ROC curves on the "
+    assert re.search(r"!\[reliability eyepacs test\]\(figures/reliability_eyepacs_test.png\)\n\n\*Figure 1\. "
+                     r"Reliability diagrams on the EyePACS-style test set, per image \(left\) and per patient", md)
+    assert re.search(r"!\[roc eyepacs test\]\(figures/roc_eyepacs_test.png\)\n\n\*Figure 2\. ROC curves on the "
                      r"EyePACS-style test set \(250 images, 50 referable\)", md)
-    assert "*Figure 2. Training loss" in md
-    assert page.count("<figcaption>Figure ") == 2 and "<figcaption>Figure 1. ROC curves on the" in page
+    assert "*Figure 3. Training loss" in md and md.count("figures/reliability_eyepacs_test.png") == 1
+    assert page.count("<figcaption>Figure ") == 3 and "<figcaption>Figure 2. ROC curves on the" in page
 
 
 def test_html_renders_inline_code_and_escapes_everything_else(built):
@@ -216,7 +248,7 @@ def test_the_training_curves_mark_the_published_epoch(built):
     md, _, given = built
     # teacher: best validation AUC at epoch 2 of 3 (0-based 1); pretrain: no validation, its last
     assert given["published"] == {"teacher": 1, "supervised": 1, "student": 1, "pretrain": 1}
-    caption = md.split("*Figure 2. ", 1)[1].split("*", 1)[0]
+    caption = md.split("*Figure 3. ", 1)[1].split("*", 1)[0]
     assert "teacher epoch 2 (best validation AUC; published as RUN/models/teacher)" in caption
     assert "pretrain epoch 2 (the last epoch; handed to the next stage)" in caption
 
@@ -235,10 +267,51 @@ def test_training_figure_draws_a_line_and_a_ring_at_the_published_epoch(tmp_path
 def test_operating_points_show_counts_and_wilson_intervals(built, tmp_path):
     md, _, _ = built
     rows = rows_of(md, "Operating points")
-    assert "| 0.900 (45/50) [0.786, 0.957] | 0.500 (100/200) [0.431, 0.569] |" in rows[1]
-    old = fake_run(tmp_path / "old", counts=False)
+    assert len(rows) == 1 + 6  # the header and the image rows only: 3 models x 2 test sets
+    assert "| 0.900 (45/50) [0.786, 0.957] | 0.500 (100/200) [0.431, 0.569] | 0.310 (45/145) [0.240, 0.390] |" in rows[1]
+    old = fake_run(tmp_path / "old", counts=False, patients=False)
     report.build(old)
-    assert "0.900 (counts not recorded)" in (old / "report.md").read_text()
+    text = (old / "report.md").read_text()
+    assert "0.900 (counts not recorded)" in text and "made before drray recorded per-patient results" in text
+
+
+def test_the_screening_summary_is_per_patient_with_counts_intervals_and_calibration(built):
+    md, page, _ = built
+    text = section(md, report.SCREENING)
+    table = text.split("### EyePACS-style test", 1)[1].split("###", 1)[0]
+    student = next(line for line in table.splitlines() if line.startswith("| student |"))
+    assert student == ("| student | 150 (30) | 0.910 [0.860, 0.960] | 90% sensitivity on validation (threshold 0.250) "
+                       "| 0.900 (27/30) [0.740, 0.970] | 0.500 (60/120) [0.410, 0.590] | 0.310 (27/87) [0.240, 0.390] "
+                       "| 0.952 (60/63) [0.890, 0.980] | 0.087 [0.070, 0.110] | 0.990 [0.980, 0.995] | 0.125 | 0.062 |")
+    assert "| PPV at 5.0% [95% CI] | NPV at 5.0% [95% CI] | Brier | ECE |" in table
+    assert "resampling patients (each with all its images)" in text and "10 equal-width bins" in text
+    assert ("Imageability: 0.980 [0.957, 0.991] (294 of 300 input photographs graded by the system; the whole prepared "
+            "set). Not gradable: corrupt 2, no_fundus 4. Left out of it: not an input: unsupported_format 1; no reference "
+            "standard: none. Prepared but without a grade (not evaluated): 2.") in text
+    assert "<h3>EyePACS-style test</h3>" in page
+
+
+def test_the_screening_summary_has_the_stard_headings(built):
+    md, _, _ = built
+    text = section(md, report.SCREENING)
+    for heading in ("Data sources", "Reference standard", "Operating point choice", "Missing and ungradable data"):
+        assert f"\n### {heading}\n" in text
+    assert ("EyePACS-style test: the eyepacs data set, its test split: 250 graded images of 150 patients. Source: "
+            "synthetic images (`drray synth`) in `") in text and "at 64 px, grades from `raw/trainLabels.csv`." in text
+    assert "Messidor-2-style external: the external data set, all of it: 250 graded images of 150 patients. Source: " \
+           "not recorded" in text
+    assert "Positive: referable DR, ICDR grade >= 2" in text and "(data.positive: referable)" in text
+    assert "on the validation hold-out (40 images of the EyePACS-style train split" in text
+    assert "reaches 90% (evaluate.operating_sensitivity)" in text and "student 0.250" in text
+    assert "Not an input: duplicate_image, image_missing, unsupported_format" in text
+
+
+def test_readers_take_image_rows_and_older_rows_count_as_images(built, tmp_path):
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {r["unit"] for r in report.rows_at(metrics)} == {"image"} and len(report.rows_at(metrics, "patient")) == 6
+    assert {d["unit"] for d in report.delong_at(metrics)} == {"image"}
+    old = json.loads((fake_run(tmp_path / "old", patients=False) / "metrics.json").read_text())
+    assert report.rows_at(old) == old["results"] and report.rows_at(old, "patient") == []
 
 
 def test_table1_judges_the_students_claim_by_delong_and_keeps_the_papers_numbers_apart():
@@ -260,3 +333,22 @@ def test_table1_judges_the_students_claim_by_delong_and_keeps_the_papers_numbers
     table[4] = row("fixmatch", "external", 0.90, 0.001)  # significantly above the student
     text = report.markdown(report.table1_blocks(table))
     assert "external: the student above every method on the same labels does not hold" in text
+
+
+def test_reliability_figure_draws_each_models_bins_in_each_panel(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    bins = reliability_bins([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.95])
+    plots.reliability_figure({"per image": {"a": bins, "b": bins}, "per patient": {"a": bins}}, "t", tmp_path / "r.png")
+    image, patient = figures[0].axes
+    assert [line.get_label() for line in image.lines][:2] == ["a", "b"] and len(patient.lines) == 2  # a + diagonal
+    assert list(image.lines[0].get_xdata()) == [0.1, 0.3, 0.6, 0.95]  # the non-empty bins' mean probabilities
+
+
+def test_a_run_without_validation_images_says_no_operating_point_was_fixed():
+    from drray import report
+
+    row = {"model": "teacher", "test_set": "eyepacs_test", "unit": "patient", "n": 30, "positives": 6,
+           "auc": 0.7, "auc_ci": [0.6, 0.8], "brier": 0.2, "ece": 0.1, "operating_points": []}
+    header, table = report.screening_table([row], {"operating_points": {}})
+    assert len(table[0]) == len(header) and "no validation images" in table[0][3]

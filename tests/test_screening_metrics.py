@@ -95,3 +95,8 @@ def test_the_evaluations_operating_point_carries_its_counts_and_intervals():
     assert op["sensitivity"] == 0.75 and op["specificity"] == pytest.approx(5 / 6)
     assert (op["tp"], op["fn"], op["tn"], op["fp"]) == (3, 1, 5, 1) and op["threshold"] == 0.6
     assert op["sensitivity_ci"] == list(wilson_interval(3, 4)) and op["specificity_ci"] == list(wilson_interval(5, 6))
+    assert op["ppv"] == 0.75 and op["npv"] == pytest.approx(5 / 6) and op["name"] == "75% sensitivity on validation"
+    assert op["ppv_ci"] == list(wilson_interval(3, 4)) and op["npv_ci"] == list(wilson_interval(5, 6))
+    assert op["prevalence"] is None and "ppv_at_prevalence" not in op
+    nothing = operating_point(y, s, 2.0, 0.75)  # nothing flagged: no PPV, not a made-up 0
+    assert nothing["ppv"] is None and nothing["ppv_ci"] == [0.0, 1.0] and nothing["sensitivity"] == 0.0

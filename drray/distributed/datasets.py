@@ -25,6 +25,8 @@ class Selection:
     size: int  # image side (the prepared size, or the SimCLR crop size)
     split: str | None = "train"
     targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
+    # image_id -> patient_id, carried as a patient_id column (evaluation: per-patient metrics)
+    patients: dict[str, str] | None = None
 
     def __post_init__(self):
         # absolute: the rows are read wherever the stream is built (a Ray worker has its own cwd)
@@ -37,7 +39,8 @@ class Selection:
 
 
 def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
-    """This selection's rows of a shard batch (split and target filter), with their targets."""
+    """This selection's rows of a shard batch (split and target filter), with their targets (and
+    patients, when the selection has them)."""
     ids = batch.column("image_id").to_pylist()
     splits = batch.column("split").to_pylist()
     keep = [i for i, (image_id, split) in enumerate(zip(ids, splits, strict=True))
@@ -47,6 +50,8 @@ def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
     if selection.targets is not None:
         targets = [selection.targets[ids[i]] for i in keep]
         out = out.append_column("target", pa.array(targets, pa.float32()))
+    if selection.patients is not None:
+        out = out.append_column("patient_id", pa.array([selection.patients[ids[i]] for i in keep], pa.string()))
     return out
 
 
@@ -57,6 +62,8 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
     out.update(selection.views.make(tensors, selection.size))
     if "target" in batch.column_names:
         out["target"] = batch.column("target").to_numpy().astype(np.float32)
+    if "patient_id" in batch.column_names:
+        out["patient_id"] = np.asarray(batch.column("patient_id").to_pylist(), dtype=object)
     return out
 
 
