@@ -122,3 +122,14 @@ def test_a_node_that_never_joins_is_named(tmp_path):
     seen = _form(tmp_path, job_id, join=False)
     assert "1 of 2 nodes joined (h1); missing: h2 (their tasks never started a Ray worker)" in seen["error"]
     assert _ray_processes(job_id) == "" and (tmp_path / f"ray-{job_id}-attempt0.done").exists()
+
+
+def test_a_slurm_job_may_requeue_itself_as_often_as_its_profile_says(tmp_path):
+    """submitit gives up after 3 time-limit requeues by default: a long pipeline under a short
+    limit would die halfway although every requeue resumes from disk."""
+    from drray.launch.profiles import Profile
+    from drray.launch.slurm import make_executor
+
+    executor = make_executor(tmp_path, Profile(max_requeues=7), "slurm", "pipeline")
+    assert executor._executor.max_num_timeout == 7
+    assert Profile().max_requeues == 20

@@ -33,6 +33,9 @@ class Profile:
     # SLURM sends USR2 this long before the time limit (sbatch --signal): the job then requeues
     # itself. Leave time for Ray to stop.
     signal_delay_s: int = 120
+    # Time-limit requeues before the job gives up (submitit's default, 3, ends a long pipeline
+    # under a short limit halfway; each requeue resumes from disk, so more cost only a restart).
+    max_requeues: int = 20
     array_parallelism: int = 16  # job arrays (sweeps): at most this many tasks at once
     ray_start_timeout_s: int = 300  # every node must have joined the Ray cluster by then
     setup: list[str] = field(default_factory=list)  # shell lines before the job: module load, venv ...

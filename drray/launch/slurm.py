@@ -171,7 +171,7 @@ class Submission:
 
 
 def make_executor(folder: Path, profile: Profile, cluster: str, name: str, depends_on: str | None = None):
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=profile.max_requeues)
     params: dict = {"timeout_min": profile.time_minutes, "name": f"drray-{name}",
                     "cpus_per_task": profile.cpus_per_node or 1}
     if profile.gpus_per_node:
