@@ -178,10 +178,11 @@ def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, **ex
     """A stage's FitPlan from its config section (epochs, batch_size, optim, scaling,
     checkpoint_every): what every training stage sets the same way."""
     section = r.stage.config(cfg)
+    batch = batch_for(section.batch_size, n_rows, section.scaling.num_workers, r.stage.name)
     return FitPlan(
         name=r.stage.name, out_dir=str(r.dir.path), spec=spec, method=method, epochs=section.epochs,
-        batch_size=per_worker_batch(section.batch_size, section.scaling, r.stage.section),
-        steps_per_epoch=steps_per_epoch(n_rows, section.batch_size), optim=section.optim,
+        batch_size=per_worker_batch(batch, section.scaling, r.stage.section),
+        steps_per_epoch=steps_per_epoch(n_rows, batch), optim=section.optim,
         precision=section.scaling.precision, channels_last=section.scaling.channels_last,
         checkpoint_every=section.checkpoint_every, seed=stages.training_seed(cfg, r.stage.name),
         epochs_per_pass=epochs_per_pass(section.epochs, n_rows), **extra,
@@ -203,6 +204,20 @@ def epochs_per_pass(epochs: int, n_rows: int) -> int:
     from drray.distributed.datasets import EPOCHS_PER_PASS, MIN_ROWS_PER_PASS
 
     return max(1, min(epochs, max(EPOCHS_PER_PASS, -(-MIN_ROWS_PER_PASS // max(n_rows, 1)))))
+
+
+def batch_for(global_batch: int, n_rows: int, workers: int, name: str) -> int:
+    """The global batch a stage trains with: its section's, or, when it has fewer rows than
+    that (a small label budget), the rows rounded down to a multiple of the workers. Batches
+    are full (drop_last): a batch of 16 over 12 images would deliver none."""
+    if n_rows >= global_batch:
+        return global_batch
+    if n_rows < workers:
+        raise ValueError(f"{name}: {n_rows} training images cannot feed {workers} workers: give it more labels "
+                         f"or fewer workers")
+    fitted = n_rows // workers * workers
+    say(name, f"batch {fitted} instead of {global_batch}: it has only {n_rows} images to train on")
+    return fitted
 
 
 def per_worker_batch(global_batch: int, scaling: ScalingConfig, what: str) -> int:

@@ -89,3 +89,15 @@ def test_forget_after_drops_epochs_that_will_be_trained_again(tmp_path):
     forget_after(StageDir(tmp_path), 1)
     assert records(tmp_path) == lines[:2]
     assert not (tmp_path / "best").exists()
+
+
+def test_a_budget_smaller_than_a_batch_trains_on_full_batches_of_what_it_has(capsys):
+    """ci's sweep at 10%: 24 labels, 12 of them to train on, batch 16: every batch is full
+    (drop_last), so the batch shrinks to the images (a multiple of the workers), said once."""
+    from jobs.common import batch_for
+
+    assert batch_for(16, 40, 1, "teacher") == 16
+    assert batch_for(16, 12, 1, "teacher") == 12 and "batch 12 instead of 16" in capsys.readouterr().err
+    assert batch_for(16, 13, 2, "teacher") == 12
+    with pytest.raises(ValueError, match="1 training images cannot feed 2 workers"):
+        batch_for(16, 1, 2, "teacher")
