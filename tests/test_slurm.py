@@ -321,11 +321,11 @@ def test_jobs_and_logs_show_the_real_job(pipeline_job):
 def test_sweep_as_a_job_array_shares_the_stage_cache(pipeline_job, tmp_path):
     pipeline_run = pipeline_job[0]
     sweep_run = tmp_path / "sweep"
-    # count 40 seed 0 is the pipeline's own labeled subset: that trial finds its stages done;
+    # count 80 seed 0 (ci.yaml's budget) is the pipeline's own labeled subset: that trial finds its stages done;
     # seed 1 trains its own. Both find the pipeline's pretraining through run.stages.
     submitted = drray("submit", "sweep", "--config", str(SWEEP_CI), "--set", f"run.dir={sweep_run}", *LONGER,
                       "--set", f"run.stages={pipeline_run}", "--set", "sweep.fractions=[]",
-                      "--set", "sweep.counts=[40]", "--set", "sweep.seeds=[0, 1]",
+                      "--set", "sweep.counts=[80]", "--set", "sweep.seeds=[0, 1]",
                       "--set", "evaluate.tsne_images=100",  # ci.yaml's: seed 0 finds the pipeline's evaluation too
                       "--profile", "local", "--array", "--array-parallelism", "2", "--wait", timeout=900)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
@@ -337,11 +337,11 @@ def test_sweep_as_a_job_array_shares_the_stage_cache(pipeline_job, tmp_path):
     def statuses(trial: str) -> dict:
         inv = json.loads((sweep_run / "trials" / trial / "pipeline.json").read_text())["invocations"]
         return {e["stage"]: e["status"] for e in inv[-1]["stages"]}
-    assert statuses("n40-seed0")["teacher"] == "skipped" and statuses("n40-seed0")["distill"] == "skipped"
-    assert statuses("n40-seed1")["teacher"] == "ran" and statuses("n40-seed1")["pretrain"] == "skipped"
+    assert statuses("n80-seed0")["teacher"] == "skipped" and statuses("n80-seed0")["distill"] == "skipped"
+    assert statuses("n80-seed1")["teacher"] == "ran" and statuses("n80-seed1")["pretrain"] == "skipped"
     table = pq.read_table(sweep_run / "sweep.parquet").to_pylist()
-    assert {r["trial"] for r in table} == {"n40-seed0", "n40-seed1"}
+    assert {r["trial"] for r in table} == {"n80-seed0", "n80-seed1"}
     assert (sweep_run / "report.md").is_file() and "[drray] job" in submitted.stdout
     array_id = ids[1].split("_")[0]
     logs = drray("logs", array_id).stdout  # an array id: every task's logs
-    assert "array task 0: trial n40-seed0" in logs and "array task 1: trial n40-seed1" in logs
+    assert "array task 0: trial n80-seed0" in logs and "array task 1: trial n80-seed1" in logs

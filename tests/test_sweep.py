@@ -219,7 +219,7 @@ def test_the_rerun_restored_the_sweep_without_redoing_finished_trials(swept):
 def test_sweep_table_figure_and_report(swept):
     run, _, _, _ = swept
     md = (run / "sweep.md").read_text()
-    assert "| 10% (20) |" in md and "| 25% (50) |" in md and "(1) |" in md  # mean +- sd over 1 seed
+    assert "| 10% (24) |" in md and "| 25% (60) |" in md and "(1) |" in md  # mean +- sd over 1 seed; budgets
     assert Image.open(run / "figures" / "sweep_auc.png").size[0] > 500
     report = (run / "report.md").read_text()
     assert "Label-fraction sweep" in report and "figures/sweep_auc.png" in report
