@@ -88,6 +88,8 @@ def bootstrap_auc_ci(targets: np.ndarray, scores: np.ndarray, resamples: int = 2
     per patient it is the image bootstrap. Seeded; resamples with a single class are drawn again,
     not counted."""
     targets, scores = np.asarray(targets, np.float64), np.asarray(scores, np.float64)
+    if len(np.unique(targets)) < 2:  # every resample would have one class: it would draw forever
+        raise ValueError("an AUC interval needs positive and negative images")
     codes = cluster_codes(clusters, len(targets))
     k = int(codes.max()) + 1
     batch = max(1, min(resamples, 500, 4_000_000 // len(targets)))  # weights: batch x images floats

@@ -221,12 +221,22 @@ def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
     ev = cfg.evaluate
     y_val = columns["target"][columns["test_set"] == VALIDATION]
     # Thresholds are fixed on the validation images only, never on a test set: without any
-    # (labels.validation 0) no operating point is fixed, and drray predict asks for --threshold.
-    wanted = sorted({*ev.sensitivities, ev.operating_sensitivity}) if y_val.size else []
+    # (labels.validation 0), or without a referable one among them (a small budget's few
+    # validation images), no operating point is fixed, and drray predict asks for --threshold.
+    fixable = 0 < y_val.sum() < y_val.size
+    if y_val.size and not fixable:
+        say("evaluate", f"no operating point fixed: the {y_val.size} validation images are all of one class "
+                        f"(give the budget more labels, or labels.validation a larger share)")
+    wanted = sorted({*ev.sensitivities, ev.operating_sensitivity}) if fixable else []
     thresholds = {m: {s: threshold_at_sensitivity(y_val, columns[prob_column(m)][columns["test_set"] == VALIDATION], s)
                       for s in wanted} for m in models}
     results, comparisons = [], []
     for test_set in dict.fromkeys(columns["test_set"].tolist()):
+        classes = np.unique(columns["target"][columns["test_set"] == test_set])
+        if len(classes) < 2:  # no AUC, no interval, no sensitivity: said, not computed
+            say("evaluate", f"{test_set}: every image is {'referable' if classes[0] else 'not referable'}: "
+                            f"no AUC or operating point can be measured on it")
+            continue
         for unit in UNITS:
             y, clusters, probs = unit_columns(columns, models, test_set, unit)
             for m in models:

@@ -392,3 +392,21 @@ def test_without_validation_images_no_operating_point_is_fixed_on_a_test_set():
     metrics = compute_metrics({k: v[keep] for k, v in columns.items()}, MODELS, config(bootstrap=50))
     assert metrics["operating_points"] == {} and metrics["delong"]
     assert all(r["operating_points"] == [] and 0 <= r["auc"] <= 1 for r in metrics["results"])
+
+
+def test_validation_images_of_one_class_fix_no_operating_point():
+    """A small budget's validation part may hold no referable image (ci's sweep at 10%: 12
+    validation images): no threshold can be chosen for a sensitivity; none is taken from a test set."""
+    from jobs.evaluate import compute_metrics
+
+    columns = synthetic_columns(3)
+    columns["target"] = np.where(columns["test_set"] == "validation", 0.0, columns["target"]).astype(np.float32)
+    metrics = compute_metrics(columns, MODELS, config(bootstrap=50))
+    assert metrics["operating_points"] == {} and all(r["operating_points"] == [] for r in metrics["results"])
+
+
+def test_an_interval_of_a_single_class_set_is_refused_not_drawn_forever():
+    from drray.metrics import bootstrap_auc_ci
+
+    with pytest.raises(ValueError, match="positive and negative"):
+        bootstrap_auc_ci(np.zeros(10), np.linspace(0, 1, 10), 50, 0)
