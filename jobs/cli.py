@@ -592,7 +592,8 @@ def _pipeline_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-run.help = (run.help or "") + "\n".join(f"  {name:<17} {desc}" for name, (_, desc) in sorted(JOBS.items()))
+# (the docstring's lines are indented by 4: the list goes 4 deeper, every line alike)
+run.help = (run.help or "").rstrip(" ") + "\n".join(f"        {name:<17} {desc}" for name, (_, desc) in sorted(JOBS.items()))
 
 
 if __name__ == "__main__":

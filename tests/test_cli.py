@@ -82,6 +82,14 @@ def test_root_cause_unwraps_training_workers_and_controllers():
     assert root_cause(inner) is inner
 
 
+def test_run_help_lists_every_job_in_one_column():
+    from jobs.cli import JOBS
+
+    lines = CliRunner().invoke(main, ["run", "--help"]).output.splitlines()
+    listed = [line for line in lines if line.split()[:1] and line.split()[0] in JOBS]
+    assert len(listed) == len(JOBS) and len({len(line) - len(line.lstrip()) for line in listed}) == 1, listed
+
+
 def test_every_command_and_option_explains_itself():
     import click
 
