@@ -1,6 +1,7 @@
-"""SimCLR training throughput: Ray Train (1 worker, augmentation in the Ray Data pipeline)
-against a bare PyTorch loop (DataLoader with one worker process for the same per-sample
-augmentation), same model, batch, precision, memory format and threads, same run.
+"""SimCLR training throughput: Ray Train (1 worker; Ray Data decodes, the training loop makes
+the views, drray.data.augment) against a bare PyTorch loop (a DataLoader with one worker process
+that decodes; the same views made in the loop), same model, batch, precision, memory format and
+threads, same run.
 
     python bench/train.py [--config configs/demo.yaml] [--epochs 3] [--set k=v ...]
 
@@ -27,11 +28,12 @@ import json, sys, time
 import numpy as np, torch
 from drray.config import load_config
 from drray.data.shards import read_index, shard_paths
-from drray.data.transforms import AugmentSpec, decode_to_tensor, simclr_view
+from drray.data.transforms import AugmentSpec, decode_to_tensor
+from drray.engine.fit import augmentation_generator
 from drray.engine.loop import make_scaler, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec
 from drray.engine.optim import build_optimizer, build_scheduler, parameter_groups
-from drray.methods import SimCLR
+from drray.methods import SimCLR, augment_batch
 from drray.config import to_dict
 import pyarrow.parquet as pq
 
@@ -41,13 +43,12 @@ p = cfg.pretrain
 torch.set_num_threads(p.scaling.cpus_per_worker)  # what Ray gives a worker (OMP_NUM_THREADS)
 rows = [r for path in shard_paths(cfg.data.eyepacs.prepared)
         for r in pq.read_table(path, columns=["image", "split"]).to_pylist() if r["split"] == "train"]
-view = simclr_view(AugmentSpec(size=cfg.data.size, **to_dict(p.augment)))
+method = SimCLR(AugmentSpec(size=cfg.data.size, **to_dict(p.augment)), p.temperature, False)
 
-class Views(torch.utils.data.Dataset):
+class Views(torch.utils.data.Dataset):  # decoded uint8 images, as drray's streams ship them
     def __len__(self): return len(rows)
     def __getitem__(self, i):
-        img = decode_to_tensor(rows[i]["image"])
-        return {"view1": view(img), "view2": view(img)}
+        return {"image": decode_to_tensor(rows[i]["image"])}
 
 def seed_worker(_):
     torch.set_num_threads(1)
@@ -67,9 +68,9 @@ dtype = resolve_precision(p.scaling.precision, device)
 scaler = make_scaler(device, dtype)
 rates = []
 for epoch in range(epochs):
-    m = train_epoch(model, loader, SimCLR(AugmentSpec(size=cfg.data.size), p.temperature, False).step(), opt,
-                    sched, scaler, device=device,
-                    dtype=dtype, channels_last=p.scaling.channels_last)
+    g = augmentation_generator(cfg.run.seed, 0, epoch)
+    m = train_epoch(model, loader, method.step(), opt, sched, scaler, device=device, dtype=dtype,
+                    channels_last=p.scaling.channels_last, augment=lambda b, g=g: augment_batch(method, b, g))
     rates.append(m["images_per_s"])
 print(json.dumps(rates))
 """
@@ -118,7 +119,7 @@ def main() -> None:
 `python bench/train.py --config {args.config} --epochs {args.epochs}` on {machine()}, {time.strftime('%Y-%m-%d')}.
 SimCLR, {p.backbone} at {cfg.data.size} px, batch {p.batch_size}, precision {p.scaling.precision}
 (autocast dtype chosen by the engine), channels_last {p.scaling.channels_last}, {p.scaling.cpus_per_worker} training
-thread(s), per-sample augmentation in one other process; images/s averaged over epochs 2-{args.epochs}.
+thread(s), decoding in one other process, the views made in the loop; images/s averaged over epochs 2-{args.epochs}.
 
 | | images/s | ratio | peak memory (process tree, PSS) | wall time |
 |---|---|---|---|---|

@@ -97,20 +97,22 @@ def test_ema_update_by_hand():
 
 
 def test_weak_and_strong_views():
-    from drray.data.transforms import Cutout, strong_view, weak_view
+    from drray.data.augment import GREY, StrongAugment, WeakAugment, cutout
 
-    torch.manual_seed(0)
-    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8, generator=g)
     image[image == 127] = 128  # so that 127 marks Cutout's square
-    weak = [weak_view()(image) for _ in range(20)]
-    assert all(w.shape == image.shape and w.dtype == torch.uint8 for w in weak)
-    assert any(not torch.equal(w, image) for w in weak)
+    images = image.expand(20, 3, 32, 32)
+    weak = WeakAugment()(images, g)
+    assert weak.shape == images.shape and weak.dtype == torch.float32
+    assert any(not torch.equal(w, image / 255) for w in weak)
     # a weak view only moves pixels (flip + translation, zero fill): no new values appear
-    assert all(set(w.unique().tolist()) <= set(image.unique().tolist()) | {0} for w in weak)
-    strong = [strong_view()(image) for _ in range(20)]
-    assert all(s.shape == image.shape and s.dtype == torch.uint8 for s in strong)
-    assert all((s == 127).all(dim=0).any() for s in strong)  # every strong view has its grey square
-    assert len({s.numpy().tobytes() for s in strong}) == 20  # fresh random draws per call
-    square = Cutout(max_side=0.5)(torch.zeros(3, 32, 32, dtype=torch.uint8))
-    side_pixels = int((square == 127).all(dim=0).sum())
-    assert 1 <= side_pixels <= 16 * 16
+    assert set((weak * 255).round().unique().tolist()) <= set(image.unique().tolist()) | {0}
+    strong = StrongAugment()(images, g)
+    assert strong.shape == images.shape and strong.dtype == torch.float32
+    grey = ((strong - GREY).abs() < 1e-6).all(dim=1)
+    assert all(grey[i].any() for i in range(20))  # every strong view has its grey square
+    assert len({s.numpy().tobytes() for s in strong}) == 20  # fresh random draws per image
+    square = cutout(torch.zeros(2, 3, 32, 32), side=torch.tensor([0.5, 0.5]), centre=torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+    side_pixels = (square == GREY).all(dim=1).sum((1, 2)).tolist()
+    assert side_pixels == [16 * 16, 8 * 8]  # whole in the middle, clipped at a corner

@@ -1,6 +1,6 @@
-"""Ray Data pipelines that feed the training stages: read shards, select rows, decode, and make
-each row into the views its method asks for (per sample, in the data pipeline), emit numpy
-batches."""
+"""Ray Data pipelines that feed the training stages: read shards, select rows, decode, emit numpy
+batches of uint8 images. Each image crosses the object store once, decoded: its method's views
+are made from it in the training loop, on the worker's device (drray.methods.base.Views)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import numpy as np
 import pyarrow as pa
 
 from drray.data.shards import shard_paths
-from drray.data.transforms import decode_to_tensor
+from drray.data.transforms import decode_batch
 from drray.distributed.resources import DATA_TASK_CPUS
 from drray.methods import CleanImage, Views
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which rows of a prepared set, and what the pipeline makes of them (its method's views)."""
+    """Which rows of a prepared set, and the views the training loop makes of them (the stream
+    ships the decoded images under ``views.source``)."""
 
     prepared: str
     views: Views
-    size: int  # image side (the prepared size, or the SimCLR crop size)
+    size: int  # the prepared image side (the shape of an empty batch)
     split: str | None = "train"
     targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
     # image_id -> patient_id, carried as a patient_id column (evaluation: per-patient metrics)
@@ -56,10 +57,10 @@ def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
 
 
 def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarray]:
-    """Decode and transform each image on its own (fresh random draws per image and view)."""
-    tensors = [decode_to_tensor(b) for b in batch.column("image").to_pylist()]
+    """Decode the images once, uint8 NCHW under the views' ``source`` key; the views are made
+    on the training device."""
     out: dict[str, np.ndarray] = {"image_id": np.asarray(batch.column("image_id").to_pylist(), dtype=object)}
-    out.update(selection.views.make(tensors, selection.size))
+    out[selection.views.source] = decode_batch(batch.column("image").to_pylist(), selection.size)
     if "target" in batch.column_names:
         out["target"] = batch.column("target").to_numpy().astype(np.float32)
     if "patient_id" in batch.column_names:
@@ -75,7 +76,7 @@ def repeat(ds, times: int):
     """``times`` epochs of ``ds`` as one stream. Ray Data starts a pipeline anew for every
     iteration (listing files, reading, scheduling: 7 s here before the first batch of each
     epoch, a quarter of a demo epoch); one execution for several epochs pays that once, and
-    every copy still draws its own order and augmentations."""
+    every copy still draws its own order (the augmentations are drawn by the training loop)."""
     return ds.union(*[ds] * (times - 1)) if times > 1 else ds
 
 
@@ -123,9 +124,9 @@ class Stream:
 
 def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = False,
                   epochs_per_pass: int = 1):
-    """A Ray Dataset of model inputs for ``selection``: ``epochs_per_pass`` epochs of it, each
-    with new augmentations. Blocks of the worker's ``batch_size`` let the worker take batches
-    as they come instead of re-assembling them from smaller blocks.
+    """A Ray Dataset of decoded images for ``selection``: ``epochs_per_pass`` epochs of it, each
+    in a new order. Blocks of the worker's ``batch_size`` let the worker take batches as they
+    come instead of re-assembling them from smaller blocks.
     """
     # The selected rows' encoded images are read once and kept in Ray's object store (spilled
     # to disk when larger than it): reading again every epoch costs more than it saves. Shuffle

@@ -35,7 +35,7 @@ from drray.engine.loop import make_scaler, predict, resolve_precision, train_epo
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
 from drray.engine.optim import build_optimizer, build_scheduler, parameter_groups
 from drray.engine.stopping import should_stop
-from drray.methods import Method
+from drray.methods import Method, augment_batch
 
 # Epochs and events are logged at debug level: the console shows them once, from metrics.jsonl
 # (drray.distributed.train follows it), wherever the loop runs.
@@ -141,9 +141,11 @@ def fit(plan: FitPlan, runtime: Runtime) -> dict:
             # epochs, so all ranks take the same number of equal batches (DDP needs that).
             stream = _batch_stream(plan, runtime)
         batches = itertools.islice(stream, plan.steps_per_epoch)
+        generator = augmentation_generator(plan.seed, rank, epoch)  # the views are made on the device
         metrics = train_epoch(model, batches, step, optimizer, scheduler, scaler, device=device, dtype=dtype,
                               channels_last=plan.channels_last,
-                              after_step=(lambda: ema.update(model)) if ema is not None else None)
+                              after_step=(lambda: ema.update(model)) if ema is not None else None,
+                              augment=lambda batch, g=generator: augment_batch(plan.method, batch, g))
         expected = plan.steps_per_epoch * plan.batch_size
         if metrics["images"] < expected:  # never train on a silently shortened epoch
             raise RuntimeError(f"{plan.name} epoch {epoch}: the data pipeline delivered {metrics['images']} "
@@ -178,6 +180,15 @@ class _Training:
 def _seed(seed: int, rank: int, epoch: int = 0) -> None:
     torch.manual_seed(seed * 1000 + rank + 7919 * epoch)
     np.random.seed(seed * 1000 + rank + 7919 * epoch)
+
+
+def augmentation_generator(seed: int, rank: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's views on one rank (a CPU generator: views are drawn on the
+    CPU and made on the device, drray.data.augment). A function of (seed, rank, epoch) alone,
+    so a resumed run makes the epochs it trains again with the views the first run made, on
+    one worker or many, and no two ranks or epochs share their draws."""
+    mixed = np.random.SeedSequence([seed, rank, epoch]).generate_state(2, np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & ((1 << 63) - 1))
 
 
 def _resume(plan: FitPlan, runtime: Runtime, state: _Training) -> tuple[int, dict]:

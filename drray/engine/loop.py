@@ -1,7 +1,8 @@
 """The training and prediction loop, shared by every stage. A stage supplies a step function
 ``step(model, batch) -> (loss, n_images)`` or ``(loss, n_images, stats)``, where ``stats`` are
 detached scalars the epoch reports as means per image (FixMatch's mask rate); the loop does
-precision, optimisation and timing."""
+precision, optimisation and timing, and makes the method's views of each batch on the device
+(``augment``: batch -> batch, see drray.methods.base.Views)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from drray.data.transforms import normalise
 
 Step = Callable[[torch.nn.Module, dict], tuple]  # (loss, n) or (loss, n, {name: scalar tensor})
+Augment = Callable[[dict], dict]  # a batch on the device -> the batch with its views made
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -46,35 +48,48 @@ def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    """Move a batch to the device; uint8 images (NCHW) are normalised there."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
-            value = torch.from_numpy(value)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.ndim == 4 and value.dtype == torch.uint8:
-                value = normalise(value)
-            if channels_last and value.ndim == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
+def to_device(batch: dict, device: torch.device, channels_last: bool = False,
+              augment: Augment | None = None) -> dict:
+    """Move a batch to the device (images as uint8: a quarter of float's bytes), make its views
+    there (``augment``), and normalise the uint8 images (NCHW) that are left."""
+    out = {key: _moved(value, device) for key, value in batch.items()}
+    if augment is not None:
+        out = augment(out)
+    return {key: _model_input(value, channels_last) for key, value in out.items()}
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+        # Ray Data hands out read-only arrays; nothing writes into the tensor, but torch warns
+        # about every one, so read-only ones are copied (a uint8 batch: cheap next to a step)
+        value = torch.from_numpy(value if value.flags.writeable else value.copy())
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _model_input(value, channels_last: bool):
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        if value.dtype == torch.uint8:
+            value = normalise(value)
+        if channels_last:
+            value = value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, optimizer, scheduler,
                 scaler, *, device: torch.device, dtype: torch.dtype | None,
-                channels_last: bool = False, after_step: Callable[[], None] | None = None) -> dict:
+                channels_last: bool = False, after_step: Callable[[], None] | None = None,
+                augment: Augment | None = None) -> dict:
     """One pass over ``batches``; returns loss (mean per image), images, images/s, lr, and
-    data_wait_s: the time spent waiting for batches (a slow input pipeline shows here).
-    ``after_step`` runs after every optimizer step (an EMA of the weights)."""
+    data_wait_s: the time spent waiting for batches (a slow input pipeline shows here; the
+    views made on the device by ``augment`` count as step time). ``after_step`` runs after
+    every optimizer step (an EMA of the weights)."""
     model.train()
     total, seen, start, sums = 0.0, 0, time.perf_counter(), {}
     waited, ready, first_wait = 0.0, start, None
     for batch in batches:
         waited += time.perf_counter() - ready
         first_wait = waited if first_wait is None else first_wait
-        batch = to_device(batch, device, channels_last)
+        batch = to_device(batch, device, channels_last, augment)
         with autocast(device, dtype):
             loss, n, *stats = step(model, batch)
         for name, value in (stats[0] if stats else {}).items():  # summed on the device: no sync per step

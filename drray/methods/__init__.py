@@ -8,14 +8,16 @@ section (``from_config``). Nothing is dispatched on a method's name.
     fixmatch   the FixMatch baseline: labeled weak views + unlabeled weak/strong pairs
     mixmatch   the MixMatch baseline: labeled weak views + K weak views per unlabeled image
 
-A method's objects are frozen dataclasses: Ray pickles them into its data tasks and workers.
+A method's views are made in the training loop, on the worker's device, from the decoded images
+its streams ship (drray.methods.base.Views, drray.data.augment). A method's objects are frozen
+dataclasses: Ray pickles them into its workers.
 """
 
-from drray.methods.base import CleanImage, Method, NoisyImage, Step, Views, WeakImage
+from drray.methods.base import CleanImage, Method, NoisyImage, Step, Views, WeakImage, augment_batch
 from drray.methods.classify import Classify
 from drray.methods.fixmatch import FixMatch
 from drray.methods.mixmatch import MixMatch
 from drray.methods.simclr import SimCLR
 
 __all__ = ["Classify", "CleanImage", "FixMatch", "Method", "MixMatch", "NoisyImage", "SimCLR", "Step", "Views",
-           "WeakImage"]
+           "WeakImage", "augment_batch"]

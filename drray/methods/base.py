@@ -1,19 +1,20 @@
-"""What every method shares: the Views a data stream makes of decoded images, and the Method
-interface the fit loop drives."""
+"""What every method shares: the Views its training loop makes of a batch's decoded images (on
+the training device, drray.data.augment), and the Method interface the fit loop drives."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-import numpy as np
 import torch
 
-from drray.data.transforms import apply_each, evaluation, train_noise, weak_view
+from drray.data.augment import NoiseAugment, WeakAugment, as_unit
+from drray.data.transforms import normalise
 
 IMAGE, TARGET = "image", "target"  # the keys of a labeled (or evaluation) batch
+U_IMAGE = "u_image"  # the unlabeled stream's decoded images (FixMatch, MixMatch), before their views
 
 # step(model, batch) -> (loss, images): what distinguishes one method's training from another's
 # (loss, n images) or (loss, n images, {statistic: detached scalar}): see drray.engine.loop
@@ -21,20 +22,33 @@ Step = Callable[[torch.nn.Module, dict], tuple]
 
 
 class Views(abc.ABC):
-    """What a data stream makes of each decoded image (uint8 CHW tensors): named uint8 NCHW
-    arrays. Every image (and every view of it) draws its own random parameters."""
+    """What the training loop makes of a stream's images: the stream ships each decoded image
+    once, as uint8 NCHW under ``source``; on the training device, after the batch has moved
+    there, :meth:`augment` replaces them with the method's named views, standardised for the
+    model. Every image (and every view of it) draws its own random parameters."""
+
+    source: ClassVar[str] = IMAGE
 
     @abc.abstractmethod
-    def make(self, images: list[torch.Tensor], size: int) -> dict[str, np.ndarray]:
-        """The stream's arrays for ``images``, each (len(images), 3, size, size) uint8."""
+    def views(self, images: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """The named views of ``images`` (uint8 NCHW), float32 in [0, 1] on their device."""
+
+    def augment(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """``batch`` with its ``source`` images replaced by these views (standardised)."""
+        if self.source not in batch:
+            raise KeyError(f"{type(self).__name__} makes its views of the batch's {self.source!r} images, but the "
+                           f"batch has only {sorted(batch)}: is the stream built from this method's views?")
+        out = {key: value for key, value in batch.items() if key != self.source}
+        out.update({key: normalise(view) for key, view in self.views(batch[self.source], generator).items()})
+        return out
 
 
 @dataclass(frozen=True)
 class CleanImage(Views):
     """The image as prepared: validation, evaluation, inference."""
 
-    def make(self, images, size):
-        return {IMAGE: apply_each(evaluation(), images, size)}
+    def views(self, images, generator):
+        return {IMAGE: as_unit(images)}
 
 
 @dataclass(frozen=True)
@@ -43,16 +57,16 @@ class NoisyImage(Views):
 
     jitter: float = 0.4
 
-    def make(self, images, size):
-        return {IMAGE: apply_each(train_noise(self.jitter), images, size)}
+    def views(self, images, generator):
+        return {IMAGE: NoiseAugment(self.jitter)(images, generator)}
 
 
 @dataclass(frozen=True)
 class WeakImage(Views):
-    """FixMatch's and MixMatch's weak augmentation (flip + translate 12.5%)."""
+    """FixMatch's and MixMatch's weak augmentation of the labeled images (flip + translate 12.5%)."""
 
-    def make(self, images, size):
-        return {IMAGE: apply_each(weak_view(), images, size)}
+    def views(self, images, generator):
+        return {IMAGE: WeakAugment()(images, generator)}
 
 
 class Method(Protocol):
@@ -64,3 +78,12 @@ class Method(Protocol):
     def step(self, steps_done: int = 0) -> Step:
         """The step function, continuing after ``steps_done`` steps (a resumed run)."""
         ...
+
+
+def augment_batch(method: Method, batch: dict, generator: torch.Generator | None = None) -> dict:
+    """A training batch (on the device) with the method's views made of its streams' images:
+    the "train" stream's, and the "unlabeled" stream's where the method has one."""
+    batch = method.train_views.augment(batch, generator)
+    if method.unlabeled_views is not None:
+        batch = method.unlabeled_views.augment(batch, generator)
+    return batch

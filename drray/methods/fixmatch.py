@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drray.config import FixMatchConfig
-from drray.data.transforms import apply_each, strong_view, weak_view
+from drray.data.augment import StrongAugment, WeakAugment
 from drray.losses import binary_cross_entropy, fixmatch_targets, fixmatch_unlabeled_loss
-from drray.methods.base import IMAGE, TARGET, Step, Views, WeakImage
+from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage
 
 U_WEAK, U_STRONG = "u_weak", "u_strong"
 
@@ -21,10 +21,11 @@ class FixMatchViews(Views):
 
     randaugment_ops: int = 2
     cutout: float = 0.5
+    source = U_IMAGE
 
-    def make(self, images, size):
-        return {U_WEAK: apply_each(weak_view(), images, size),
-                U_STRONG: apply_each(strong_view(self.randaugment_ops, self.cutout), images, size)}
+    def views(self, images, generator):
+        return {U_WEAK: WeakAugment()(images, generator),
+                U_STRONG: StrongAugment(self.randaugment_ops, self.cutout)(images, generator)}
 
 
 def pseudo_label_stats(weak_logits, threshold: float) -> dict:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drray.config import MixMatchConfig
-from drray.data.transforms import apply_each, weak_view
+from drray.data.augment import WeakAugment
 from drray.losses import linear_rampup, mixmatch_losses, mixup_weights, sharpen
-from drray.methods.base import IMAGE, TARGET, Step, Views, WeakImage
+from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage
 
 
 def view_key(k: int) -> str:
@@ -22,10 +22,11 @@ def view_key(k: int) -> str:
 class MixMatchViews(Views):
     """K weak views of each unlabeled image."""
 
-    views: int = 2
+    k: int = 2
+    source = U_IMAGE
 
-    def make(self, images, size):
-        return {view_key(k): apply_each(weak_view(), images, size) for k in range(self.views)}
+    def views(self, images, generator):
+        return {view_key(i): WeakAugment()(images, generator) for i in range(self.k)}
 
 
 @dataclass(frozen=True)

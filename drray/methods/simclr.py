@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from drray.config import PretrainConfig
 from drray.config import to_dict as _to_dict
-from drray.data.transforms import AugmentSpec, apply_each, simclr_view
+from drray.data.augment import SimCLRAugment
+from drray.data.transforms import AugmentSpec
 from drray.losses import nt_xent
 from drray.methods.base import Step, Views
 
@@ -16,11 +17,13 @@ VIEW1, VIEW2 = "view1", "view2"
 
 @dataclass(frozen=True)
 class SimCLRViews(Views):
-    augment: AugmentSpec
+    """Two views of each pool image, each its own crop, flips, rotation, jitter, grey and blur."""
 
-    def make(self, images, size):
-        view = simclr_view(self.augment)
-        return {VIEW1: apply_each(view, images, size), VIEW2: apply_each(view, images, size)}
+    spec: AugmentSpec
+
+    def views(self, images, generator):
+        view1, view2 = SimCLRAugment(self.spec)(images, generator)
+        return {VIEW1: view1, VIEW2: view2}
 
 
 @dataclass(frozen=True)

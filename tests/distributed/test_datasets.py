@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 
 from drray.data.transforms import AugmentSpec
@@ -43,9 +44,19 @@ def test_model_inputs_for_each_mode():
     ev = to_model_inputs(rows, Selection.clean("unused", 32, split=None, targets={"a": 1.0, "b": 0.0}))
     assert ev["image"].shape == (2, 3, 32, 32) and ev["image"].dtype == np.uint8  # normalised on the device
     assert ev["target"].tolist() == [1.0, 0.0] and list(ev["image_id"]) == ["a", "b"]
-    simclr = Selection("unused", SimCLRViews(AugmentSpec(size=24)), 24, split="train")
-    views = to_model_inputs(select_rows(shard_batch(), simclr), simclr)
-    assert views["view1"].shape == (3, 3, 24, 24) and views["view2"].shape == (3, 3, 24, 24)
+    simclr = Selection("unused", SimCLRViews(AugmentSpec(size=24)), 32, split="train")
+    shipped = to_model_inputs(select_rows(shard_batch(), simclr), simclr)
+    assert set(shipped) == {"image_id", "image"} and shipped["image"].dtype == np.uint8  # once, decoded
+    views = simclr.views.augment({"image": torch.from_numpy(shipped["image"])}, torch.Generator().manual_seed(0))
+    assert set(views) == {"view1", "view2"} and views["view1"].shape == (3, 3, 24, 24)  # made on the device
+
+
+def test_the_unlabeled_stream_ships_its_images_under_their_own_key():
+    from drray.methods import FixMatch
+
+    selection = Selection("unused", FixMatch().unlabeled_views, 32, split="train")
+    shipped = to_model_inputs(select_rows(shard_batch(), selection), selection)
+    assert set(shipped) == {"image_id", "u_image"}  # beside the labeled stream's "image" in a zipped batch
 
 
 def test_empty_batch_keeps_the_schema():

@@ -112,12 +112,11 @@ def test_wrong_architecture_checkpoint_names_keys(tmp_path):
 
 
 def _views(images, spec_size=32, seed=0):
-    from drray.data.transforms import AugmentSpec, apply_each, simclr_view
+    from drray.data.transforms import AugmentSpec
+    from drray.methods.simclr import SimCLRViews
 
-    torch.manual_seed(seed)
-    view = simclr_view(AugmentSpec(size=spec_size, crop_scale=(0.3, 1.0)))
-    return {"view1": torch.from_numpy(apply_each(view, images, spec_size)),
-            "view2": torch.from_numpy(apply_each(view, images, spec_size))}
+    views = SimCLRViews(AugmentSpec(size=spec_size, crop_scale=(0.3, 1.0)))
+    return views.augment({"image": torch.stack(images)}, torch.Generator().manual_seed(seed))
 
 
 def test_two_views_differ_per_image():

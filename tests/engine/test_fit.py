@@ -108,8 +108,7 @@ def test_fixmatch_zips_the_unlabeled_stream_and_publishes_its_ema(tmp_path):
     def unlabeled(batch_size, drop_last):
         rng = np.random.default_rng(5)
         for _ in range(STEPS * 10):
-            images = rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)
-            yield {"u_weak": images, "u_strong": images[::-1].copy()}
+            yield {"u_image": rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)}
 
     plan = plan_for(tmp_path, method=FixMatch(threshold=0.6), unlabeled_batch=2 * BATCH, ema_decay=0.5, epochs=2)
     runtime = runtime_for(tmp_path, unlabeled=unlabeled)
@@ -130,11 +129,10 @@ def test_the_pretraining_monitor_probes_the_features_every_n_epochs_and_after_th
     from drray.data.transforms import AugmentSpec
     from drray.methods import SimCLR
 
-    def views(batch_size, drop_last):
+    def views(batch_size, drop_last):  # the pool's decoded images: the loop makes the two views
         rng = np.random.default_rng(3)
         for _ in range(STEPS * 10):
-            images = rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)
-            yield {"view1": images, "view2": images[:, :, ::-1].copy()}
+            yield {"image": rng.integers(0, 255, (batch_size, 3, SIZE, SIZE)).astype(np.uint8)}
 
     plan = plan_for(tmp_path, name="pretrain", out_dir=str(tmp_path / "pretrain-abc"), validate=False,
                     spec=ModelSpec("simclr", "resnet18", SIZE, proj_hidden=32, proj_out=16),
@@ -154,3 +152,44 @@ def test_knn_votes_follow_the_nearest_labeled_features():
     train /= np.linalg.norm(train, axis=1, keepdims=True)
     scores = knn_scores(train, np.array([1, 1, 0, 0], np.float32), np.array([[1, 0.05], [0.05, 1]], np.float32), k=2)
     assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0)
+
+
+def test_a_resumed_epoch_trains_on_the_views_the_uninterrupted_run_made(tmp_path):
+    """The views are made in the loop from a generator of (seed, rank, epoch) alone: epoch 2 of a
+    run resumed after epoch 1 sees the views epoch 2 of an uninterrupted run saw."""
+    from dataclasses import dataclass
+
+    from drray.methods import NoisyImage
+    from drray.methods.classify import classify_step
+
+    @dataclass(frozen=True)
+    class Recording:
+        seen: list
+        train_views = NoisyImage()
+        unlabeled_views = None
+
+        def step(self, steps_done=0):
+            def step(model, batch):
+                self.seen.append(float(batch["image"].double().sum()))
+                return classify_step(model, batch)
+            return step
+
+    def same_images(fail_on_call=None, calls=[]):  # noqa: B006 - counts the passes across runs
+        def stream(batch_size, drop_last):
+            calls.append(1)
+            if len(calls) == fail_on_call:
+                raise RuntimeError("the worker died")
+            yield from labeled_stream(STEPS)(batch_size, drop_last)
+        return stream
+
+    whole = []
+    fit(plan_for(tmp_path / "a", method=Recording(whole), validate=False), runtime_for(tmp_path / "a", train=same_images()))
+    resumed = []
+    dying = runtime_for(tmp_path / "b", train=same_images(fail_on_call=3, calls=[]))
+    with pytest.raises(RuntimeError, match="the worker died"):
+        fit(plan_for(tmp_path / "b", method=Recording(resumed), validate=False), dying)
+    resumed.clear()
+    fit(plan_for(tmp_path / "b", method=Recording(resumed), validate=False), runtime_for(tmp_path / "b", train=same_images()))
+    assert len(whole) == 3 * STEPS and len(resumed) == STEPS
+    assert resumed == whole[2 * STEPS:]  # epoch 2's views, exactly
+    assert whole[:STEPS] != whole[STEPS:2 * STEPS]  # and every epoch draws anew
