@@ -22,9 +22,10 @@ test: install
 demo: install
 	$(BIN)/drray run pipeline --config configs/demo.yaml
 
-# Table 1 on the demo's synthetic benchmark: the demo's run plus FixMatch, MixMatch and the
-# supervised baseline on 100% of the labels (~45 min on 2 cores after `make demo`); the table
-# goes into runs/demo/report.md and runs/demo/table1.md.
+# Table 1 on the demo's synthetic benchmark over 3 label draws (demo.yaml's table1.seeds): one
+# pretraining, then per draw the method, FixMatch, MixMatch and the supervised baseline on 100%
+# of the labels (one draw took ~45 min on 2 cores after `make demo`; three are not measured yet,
+# expect ~2 h); the table over the draws goes into runs/demo/table1.md and runs/demo/report.md.
 table1: install
 	$(BIN)/drray run table1 --config configs/demo.yaml
 

@@ -320,6 +320,16 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class Table1Config:
+    """``drray run table1``: the label draws its rows are computed on. A claim about an ordering
+    is judged on several draws with their intervals, not one point estimate."""
+
+    # labels.seed per draw: each seed's rows in RUN/seeds/seed-<N>/, all from one pretraining, and
+    # RUN/table1.md the mean +- sd over them. Empty: labels.seed alone, the rows in RUN itself.
+    seeds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,6 +346,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    table1: Table1Config = field(default_factory=Table1Config)
     # Where the config came from; not a YAML key. Relative paths in the file are relative
     # to the current directory (the repo root for the shipped configs), like any CLI path.
     source_file: str = field(default="", compare=False, metadata={"internal": True})
@@ -612,7 +623,8 @@ RANGES: dict[str, Range] = {
                      "keep_checkpoints", "prepare_batch", "proj_hidden", "proj_out", "head_hidden",
                      "concurrent_trials", "patience", "count", "counts", "num_cpus", "max_pixels"), POSITIVE_INT),
     **dict.fromkeys(("test_n", "warmup_epochs", "monitor_every", "max_failures", "rampup_epochs", "tsne_images",
-                     "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter"),
+                     "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter",
+                     "seeds"),
                     NON_NEGATIVE),
     **dict.fromkeys(("hflip", "vflip", "jitter_prob", "grayscale_prob", "blur_prob", "threshold", "cutout"),
                     PROBABILITY),
@@ -633,6 +645,9 @@ def _check_range(name: str, value: Any, key: str, origin: Origin) -> None:
     for v in value if isinstance(value, tuple) else (value,):
         if isinstance(v, int | float) and not isinstance(v, bool) and not allowed.admits(v):
             raise ConfigError(f"{origin.of(key)}: key {key!r}: {value!r} is out of range (allowed: {allowed})")
+    if name == "seeds" and len(set(value)) < len(value):  # a seed twice would count one draw twice
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        raise ConfigError(f"{origin.of(key)}: key {key!r}: {list(value)!r} repeats seed {repeated[0]}; give each seed once")
     if name == "crop_scale" and value[0] > value[1]:
         raise ConfigError(f"{origin.of(key)}: key {key!r}: {value!r}: the smallest crop exceeds the largest")
 

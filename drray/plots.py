@@ -69,33 +69,57 @@ def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray]], title: str, pa
     return _save(fig, path)
 
 
+# What the training figure draws of a stage's metrics.jsonl epochs: (metric, panel, line style,
+# marker, legend suffix). knn_auc is the SimCLR monitor (pretrain.monitor_every): a kNN probe of
+# the features, nothing trained on it, so dashed with squares, apart from the classifiers' AUC.
+TRAINING_CURVES = (("loss", 0, "-", ".", ""), ("val_auc", 1, "-", ".", ""),
+                   ("knn_auc", 1, "--", "s", " kNN probe (features)"))
+
+
+def training_series(stages: dict[str, list[dict]]) -> list[dict]:
+    """The curves of :func:`training_figure`, one per stage and logged metric: stage, metric,
+    panel (0 loss, 1 AUC), style, marker, label, colour (a stage keeps its own), and the epochs
+    (1-based) with their values, only the epochs that logged the metric (the probe runs every
+    few epochs)."""
+    out = []
+    for i, (stage, records) in enumerate(stages.items()):
+        for metric, panel, style, marker, suffix in TRAINING_CURVES:
+            points = [(r["epoch"] + 1, r[metric]) for r in records if r.get(metric) is not None]
+            if points:
+                out.append({"stage": stage, "metric": metric, "panel": panel, "style": style, "marker": marker,
+                            "label": stage + suffix, "colour": f"C{i}", "epochs": [e for e, _ in points],
+                            "values": [v for _, v in points]})
+    return out
+
+
 def training_figure(stages: dict[str, list[dict]], path: str | Path, published: dict[str, int] | None = None) -> Path:
-    """Loss (and validation AUC where there is one) per epoch of each training stage.
+    """Loss per epoch of each training stage; validation AUC where there is one, and the SimCLR
+    features' kNN probe AUC (``knn_auc``, dashed with squares) where pretraining was monitored.
     ``published``: stage -> the epoch (0-based, as logged) whose model the stage handed on,
     marked with a ring and a dotted vertical line in the stage's colour: a curve that goes on
     improving after its marker is not what was evaluated."""
     plt = _pyplot()
     published = published or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (stage, records) in enumerate(stages.items()):
-        epochs = [r["epoch"] + 1 for r in records]
-        colour = f"C{i}"  # a stage keeps its colour in both panels
-        curves = [(axes[0], [r["loss"] for r in records])]
-        if any(r.get("val_auc") is not None for r in records):
-            curves.append((axes[1], [r.get("val_auc") for r in records]))
-        mark = published.get(stage)
-        for ax, values in curves:
-            ax.plot(epochs, values, marker=".", label=stage, color=colour)
-            if mark is not None and mark + 1 in epochs:
-                _mark_epoch(ax, mark + 1, values[epochs.index(mark + 1)], colour)
+    series = training_series(stages)
+    for c in series:
+        ax = axes[c["panel"]]
+        ax.plot(c["epochs"], c["values"], linestyle=c["style"], marker=c["marker"], label=c["label"],
+                color=c["colour"], gid=c["metric"])
+        mark = published.get(c["stage"])
+        if mark is not None and mark + 1 in c["epochs"]:
+            _mark_epoch(ax, mark + 1, c["values"][c["epochs"].index(mark + 1)], c["colour"])
     axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="validation AUC", title="validation AUC")
+    probed = any(c["metric"] == "knn_auc" for c in series)
+    axes[1].set(xlabel="epoch", ylabel="AUC on the validation hold-out",
+                title="validation AUC" + (" (dashed: the SimCLR features' kNN probe)" if probed else ""))
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs: no 1.5
     if published:  # one legend entry explains every ring
         axes[0].plot([], [], "o", markerfacecolor="none", markeredgecolor="black", label="published epoch")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -56,14 +56,17 @@ def build(run: str | Path) -> dict:
     """A pipeline run's report, a sweep's, or both where a run directory holds both."""
     run = Path(run)
     pipeline, sweep = (run / "metrics.json").is_file(), (run / "sweep.parquet").is_file()
-    if not (pipeline or sweep):
+    seeds = table1_over_seeds(run)
+    if not (pipeline or sweep or seeds):
         raise FileNotFoundError(f"{run}: neither metrics.json nor sweep.parquet; run `drray run pipeline` "
                                 "(or `drray run evaluate`, or `drray run sweep`) first")
     blocks: list[tuple] = [("h1", f"drray report: {run.resolve().name}"),
                            ("p", f"Run directory `{run.resolve()}`, report written {time.strftime('%Y-%m-%d %H:%M')}.")]
     sets = data_sets(run)
     blocks += synthetic_notice(sets)
-    if pipeline:
+    if seeds is not None:  # each seed's own report has its pipeline's sections
+        blocks += [("h2", "Table 1 over label draws (drray run table1)")] + table1_seeds_blocks(*seeds) + paper_blocks()
+    elif pipeline:
         if (run / "table1.parquet").is_file():
             blocks += [("h2", "Table 1 (drray run table1)")] + table1_blocks(pq.read_table(run / "table1.parquet").to_pylist())
         blocks += _blocks(run, sets)
@@ -483,11 +486,13 @@ def _figures(run: Path, stages: dict[str, dict], metrics: dict, models: dict) ->
         if not png.stem.startswith("reliability_"):  # shown in the screening summary
             blocks.append(("img", f"figures/{png.name}", png.stem.replace("_", " "),
                            _evaluation_caption(png.stem, metrics)))
-    training, published = {}, {}
+    training, published, monitors = {}, {}, {}
     for name, entry in stages.items():  # every stage that trained (it logged epochs)
         records = StageDir(Path(entry.get("dir") or "/nonexistent")).metrics()
         if epochs := [r for r in records if "epoch" in r]:
             training[name] = epochs
+            if probes := [r for r in records if r.get("event") == "monitor"]:
+                monitors[name] = probes[-1]
             if (handed := handed_on(Path(entry["dir"]), models, records)) is not None:
                 published[name] = handed
     if training:
@@ -495,9 +500,34 @@ def _figures(run: Path, stages: dict[str, dict], metrics: dict, models: dict) ->
         marks = "; ".join(f"{n} epoch {epoch + 1} ({why})" for n, (epoch, why) in published.items())
         blocks.append(("img", "figures/training.png", "training curves",
                        "Training loss (left, log scale) and validation AUC (right) per epoch of every training stage. "
-                       "Rings and dotted lines mark the epoch whose model each stage handed on (what was published and "
-                       f"evaluated, or what the next stage started from): {marks or 'none recorded'}."))
+                       + knn_text(training, monitors) + "Rings and dotted lines mark the epoch whose model each stage handed on "
+                       f"(what was published and evaluated, or what the next stage started from): "
+                       f"{marks or 'none recorded'}."))
     return blocks
+
+
+def knn_text(training: dict[str, list[dict]], monitors: dict[str, dict] | None = None) -> str:
+    """The caption's words for the SimCLR kNN monitor (pretrain.monitor_every), where it ran;
+    ``monitors``: stage -> its metrics.jsonl "monitor" record (the probe's images)."""
+    probed = {name: [(r["epoch"] + 1, r["knn_auc"]) for r in records if r.get("knn_auc") is not None]
+              for name, records in training.items()}
+    probed = {name: points for name, points in probed.items() if points}
+    if not probed:
+        return ("The SimCLR features were not probed (pretrain.monitor_every 0): set it to see whether pretraining "
+                "improves them. ") if "pretrain" in training else ""
+    def images(name: str) -> str:
+        m = (monitors or {}).get(name)
+        if not m:
+            return ""
+        return (f", {m['labeled']} labeled images voting on {m['validation']} of labels.seed "
+                f"{(m.get('labels') or {}).get('seed', '?')}, the draw of the run that trained it")
+
+    series = "; ".join(f"{name}: " + ", ".join(f"epoch {e} {auc:.3f}" for e, auc in points) + images(name)
+                       for name, points in probed.items())
+    return ("Dashed with squares (right): the kNN probe AUC of the SimCLR backbone's features "
+            "(pretrain.monitor_every): the label budget's training images vote, by cosine similarity, on its "
+            "validation images; nothing is trained on them, so it shows whether pretraining makes the features "
+            f"more useful, not how a fine-tuned model scores ({series}). ")
 
 
 def handed_on(stage_dir: Path, models: dict, records: list[dict]) -> tuple[int, str] | None:
@@ -635,6 +665,17 @@ SWEEP_SCHEMA = pa.schema([
 ])
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the sd of one value is 0 (and shown as none)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def mean_sd_text(mean: float, sd: float, n: int) -> str:
+    """"0.812 +- 0.034 (3)": mean +- sd over n seeds; one seed has no sd to show."""
+    return f"{mean:.3f} +- {sd:.3f} ({n})" if n > 1 else f"{mean:.3f} (1 seed: no sd)"
+
+
 def sweep_summary(rows: list[dict]) -> dict[tuple, dict]:
     """(test set, method, fraction, count) -> mean, sd (n-1; 0 for one seed), per-seed AUCs."""
     groups: dict[tuple, list[float]] = {}
@@ -642,8 +683,7 @@ def sweep_summary(rows: list[dict]) -> dict[tuple, dict]:
         groups.setdefault((r["test_set"], r["method"], r["fraction"], r["count"]), []).append(r["auc"])
     out = {}
     for key, aucs in groups.items():
-        mean = sum(aucs) / len(aucs)
-        sd = (sum((a - mean) ** 2 for a in aucs) / (len(aucs) - 1)) ** 0.5 if len(aucs) > 1 else 0.0
+        mean, sd = mean_sd(aucs)
         out[key] = {"mean": mean, "sd": sd, "aucs": aucs}
     return out
 
@@ -668,7 +708,7 @@ def sweep_blocks(run: Path) -> list[tuple]:
             cells = [f"{100 * fraction:.3g}% ({count})"]
             for m in methods:
                 s = summary.get((test_set, m, fraction, count))
-                cells.append(f"{s['mean']:.3f} +- {s['sd']:.3f} ({len(s['aucs'])})" if s else "")
+                cells.append(mean_sd_text(s["mean"], s["sd"], len(s["aucs"])) if s else "")
             table.append(cells)
         if any(any(c for c in row[1:]) for row in table):
             blocks += [("p", f"{title}: AUC mean +- sd (n seeds)"), ("table", ["labels"] + methods, table)]
@@ -698,10 +738,58 @@ def _sweep_trials(run: Path, rows: list[dict]) -> list[tuple]:
             ("table", ["trial", "status", "seconds", "error", "its run directory"], table)]
 
 
+# --- Table 1 (drray run table1), for one label draw or several -------------------------------------
+
+
+TABLE1_SCHEMA = pa.schema([
+    ("method", pa.string()), ("labels", pa.string()), ("architecture", pa.string()), ("test_set", pa.string()),
+    ("n", pa.int64()), ("auc", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    ("paper_auc", pa.float64()), ("p_vs_student", pa.float64()), ("p_vs_teacher", pa.float64()), ("seed", pa.int64()),
+])
+TABLE1_SEEDS = "table1_seeds.json"  # RUN of a table1 over several seeds: each seed's outcome
+SAME_LABELS = "the student above every method on the same labels"
+ORDER_TEXT = "the paper's ordering (student >= teacher > supervised)"
+P_COLUMN = {"student": "p_vs_student", "teacher": "p_vs_teacher"}  # table1 rows: DeLong p against these
+
+
+def pair_p(by: dict[str, dict], a: str, b: str) -> float | None:
+    """DeLong's p of models a and b on a test set, from Table 1 rows (method -> row); None if not recorded."""
+    for row, other in ((a, b), (b, a)):
+        column = P_COLUMN.get(other)
+        if column and by[row].get(column) is not None:
+            return by[row][column]
+    return None
+
+
+def ordering_verdicts(rows: list[dict]) -> tuple[list[str], str] | None:
+    """One label draw's rows on one test set: each claim of the paper's ordering judged by DeLong
+    (:func:`verdict`) and the ordering's verdict (:func:`combined`); None without its models or p."""
+    by = {r["method"]: r for r in rows}
+    verdicts = []
+    for a, _, b in ORDERING:
+        p = pair_p(by, a, b) if a in by and b in by else None
+        if p is None:
+            return None
+        verdicts.append(verdict(by[a]["auc"] - by[b]["auc"], p))
+    return verdicts, combined(verdicts)
+
+
+def same_labels_verdicts(rows: list[dict]) -> tuple[dict[str, str], str] | None:
+    """One draw's rows on one test set: the student against every method trained on the same
+    labeled subset (not the 100%-labels row), each by DeLong, and all of them together."""
+    by = {r["method"]: r for r in rows}
+    others = [r for r in rows if r["method"] not in ("student", "supervised_100") and r["p_vs_student"] is not None]
+    if "student" not in by or not others:
+        return None
+    verdicts = {r["method"]: verdict(by["student"]["auc"] - r["auc"], r["p_vs_student"]) for r in others}
+    return verdicts, combined(list(verdicts.values()))
+
+
 def table1_blocks(table: list[dict]) -> list[tuple]:
     """RUN/table1.parquet's rows as the paper's Table 1 (this run's numbers only; the paper's in
-    their own table), and whether its claim holds here, judged like the ordering (:func:`verdict`):
-    the distilled student above every baseline trained on the same labeled subset."""
+    their own table), and whether its claims hold here, judged like the ordering (:func:`verdict`):
+    the distilled student above every baseline trained on the same labeled subset, and the
+    paper's ordering student >= teacher > supervised."""
     sets = [s for s in TEST_SETS if any(r["test_set"] == s for r in table)]
     rows = []
     for name in dict.fromkeys(r["method"] for r in table):
@@ -712,20 +800,133 @@ def table1_blocks(table: list[dict]) -> list[tuple]:
             p = f", p={r['p_vs_student']:.2g}" if r and r["p_vs_student"] is not None else ""
             cells.append(f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]{p}" if r else "")
         rows.append(cells)
+    seeds = sorted({r["seed"] for r in table if r.get("seed") is not None})
+    draw = (f" One label draw (labels.seed {seeds[0]}): set table1.seeds (e.g. [0, 1, 2]) to judge the claims on "
+            "several." if len(seeds) == 1 else "")
     blocks = [("p", "AUC [95% CI] per test set; p: DeLong's test against the distilled student on the same images. "
-                    "The paper's AUCs are in their own table (real data, 299 px): not this run's."),
+                    "The paper's AUCs are in their own table (real data, 299 px): not this run's." + draw),
               ("table", ["method", "labels", "architecture"] + [TEST_SETS[s] for s in sets], rows)]
     for s in sets:
-        student = next((r for r in table if r["method"] == "student" and r["test_set"] == s), None)
-        others = [r for r in table if r["test_set"] == s and r["method"] not in ("student", "supervised_100")]
-        if student is None or not others:
-            continue
-        verdicts = {r["method"]: verdict(student["auc"] - r["auc"], r["p_vs_student"]) for r in others}
-        gaps = ", ".join(f"{r['method']} {student['auc'] - r['auc']:+.3f} (p={r['p_vs_student']:.2g}: "
-                         f"{verdicts[r['method']]})" for r in others)
-        blocks.append(("p", f"{TEST_SETS[s]}: the student above every method on the same labels "
-                            f"{combined(list(verdicts.values()))}; student minus each: {gaps}."))
+        here = [r for r in table if r["test_set"] == s]
+        if (judged := same_labels_verdicts(here)) is not None:
+            verdicts, overall = judged
+            by = {r["method"]: r for r in here}
+            gaps = ", ".join(f"{m} {by['student']['auc'] - by[m]['auc']:+.3f} (p={by[m]['p_vs_student']:.2g}: {v})"
+                             for m, v in verdicts.items())
+            blocks.append(("p", f"{TEST_SETS[s]}: {SAME_LABELS} {overall}; student minus each: {gaps}."))
+        if (ordered := ordering_verdicts(here)) is not None:
+            verdicts, overall = ordered
+            blocks.append(("p", f"{TEST_SETS[s]}: {ORDER_TEXT} {'is ' if overall == 'not distinguishable' else ''}"
+                                f"{overall} (" + "; ".join(f"{a} {claim} {b}: {v}" for (a, claim, b), v
+                                                           in zip(ORDERING, verdicts, strict=True)) + ")."))
     return blocks + [("p", RULE)]
+
+
+def table1_over_seeds(run: Path) -> tuple[list[dict], list[dict]] | None:
+    """A table1 run over several label draws: (RUN/table1.parquet's rows, each seed's outcome);
+    None for a run of one draw (a later one-seed table1 in the same folder wins: its parquet's
+    seeds are then not the record's)."""
+    record, parquet = run / TABLE1_SEEDS, run / "table1.parquet"
+    if not (record.is_file() and parquet.is_file()):
+        return None
+    outcomes, table = json.loads(record.read_text()), pq.read_table(parquet).to_pylist()
+    finished = {o["seed"] for o in outcomes if o["status"] == "finished"}
+    if len(outcomes) < 2 or {r.get("seed") for r in table} != finished:
+        return None
+    return table, outcomes
+
+
+def seed_summary(table: list[dict]) -> dict[tuple[str, str], dict]:
+    """(method, test set) -> mean and sd (n - 1) of the AUC over seeds, n, and each seed's row."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["method"], r["test_set"]), []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        mean, sd = mean_sd([r["auc"] for r in rows])
+        out[key] = {"mean": mean, "sd": sd, "n": len(rows), "rows": {r["seed"]: r for r in rows}}
+    return out
+
+
+def _seeds(seeds: list[int]) -> str:
+    return "none" if not seeds else ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def claim_over_seeds(per_seed: dict[int, str | None], what: str) -> str:
+    """A claim judged in every seed, said plainly: in how many seeds it holds, is not
+    distinguishable or does not hold; established across the seeds only when it holds in all."""
+    judged = {seed: v for seed, v in per_seed.items() if v is not None}
+    by = {v: [seed for seed, x in judged.items() if x == v] for v in ("holds", "not distinguishable", "does not hold")}
+    n = len(judged)
+    text = (f"{what} holds in {len(by['holds'])} of {n} seeds ({_seeds(by['holds'])}); not distinguishable in "
+            f"{len(by['not distinguishable'])} ({_seeds(by['not distinguishable'])}); does not hold in "
+            f"{len(by['does not hold'])} ({_seeds(by['does not hold'])})")
+    if missing := sorted(set(per_seed) - set(judged)):
+        text += f"; not judged in {_seeds(missing)} (a model or its p is missing)"
+    if n and len(by["holds"]) == n:
+        return text + ". Across the seeds: it holds in every one."
+    wrong = f", and significantly the wrong way in {len(by['does not hold'])}" if by["does not hold"] else ""
+    return text + f". Across the seeds: not established (it holds in {len(by['holds'])} of {n}{wrong})."
+
+
+def _means_text(summary: dict, test_set: str, n: int) -> str:
+    means = {m: summary[(m, test_set)] for m in ("student", "teacher", "supervised") if (m, test_set) in summary}
+    if len(means) < 3:
+        return ""
+    values = ", ".join(f"{m} {mean_sd_text(s['mean'], s['sd'], s['n'])}" for m, s in means.items())
+    ordered = means["student"]["mean"] >= means["teacher"]["mean"] > means["supervised"]["mean"]
+    return (f" On the means over the seeds ({values}) the order is {'the paper' if ordered else 'not the paper'}'s: "
+            f"a description of {n} label draws, not a test.")
+
+
+def table1_seeds_blocks(table: list[dict], outcomes: list[dict]) -> list[tuple]:
+    """Table 1 over label draws: per method and test set the mean +- sd of the AUC and n seeds,
+    every seed's AUC with its 95% CI, and each claim judged in every seed (DeLong, as for one
+    draw) with how many seeds it holds in. Failed seeds are named, never silently left out."""
+    seeds = sorted({r["seed"] for r in table})
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    summary = seed_summary(table)
+    sets = [s for s in TEST_SETS if any(r["test_set"] == s for r in table)]
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    blocks: list[tuple] = [("p", (
+        f"{len(outcomes)} label draws (labels.seed {', '.join(str(o['seed']) for o in outcomes)}), {len(seeds)} finished: "
+        "each draws its own labeled subset and seeds the training after pretraining; all share one SimCLR "
+        "pretraining (it reads no labels). Each seed's rows, report and models are in `seeds/seed-<N>/`. AUC mean "
+        "+- sd (sample sd, n - 1) over the finished seeds, n seeds in brackets: the sd is the spread between label "
+        "draws and initialisations, not a confidence interval."))]
+    if failed:
+        blocks.append(("p", "Failed seeds, in no number below: " + "; ".join(
+            f"seed {o['seed']} ({o['error']}; its run `{o['dir']}`)" for o in failed)
+            + ". Rerun the same command to retry them; finished seeds are kept."))
+    if not table:
+        return blocks
+    rows = []
+    for m in methods:
+        mine = [r for r in table if r["method"] == m]
+        cells = [m, "; ".join(dict.fromkeys(r["labels"] for r in mine)), mine[0]["architecture"]]
+        for s in sets:
+            x = summary.get((m, s))
+            cells.append(mean_sd_text(x["mean"], x["sd"], x["n"]) if x else "")
+        rows.append(cells)
+    blocks.append(("table", ["method", "labels used", "architecture"]
+                   + [f"{TEST_SETS[s]}: AUC mean +- sd (n seeds)" for s in sets], rows))
+    for s in sets:
+        per_seed = []
+        for m in methods:
+            x = summary.get((m, s), {"rows": {}})["rows"]
+            per_seed.append([m] + [f"{x[k]['auc']:.3f} [{x[k]['ci_low']:.3f}, {x[k]['ci_high']:.3f}]" if k in x else ""
+                                   for k in seeds])
+        blocks += [("p", f"{TEST_SETS[s]}: every seed's AUC [95% CI]"),
+                   ("table", ["method"] + [f"seed {k}" for k in seeds], per_seed)]
+    for s in sets:
+        here = {k: [r for r in table if r["seed"] == k and r["test_set"] == s] for k in seeds}
+        order = {k: (v[1] if (v := ordering_verdicts(rows)) else None) for k, rows in here.items()}
+        same = {k: (v[1] if (v := same_labels_verdicts(rows)) else None) for k, rows in here.items()}
+        blocks.append(("p", f"{TEST_SETS[s]}: " + claim_over_seeds(order, ORDER_TEXT[0].upper() + ORDER_TEXT[1:])
+                            + _means_text(summary, s, len(seeds))))
+        blocks.append(("p", f"{TEST_SETS[s]}: " + claim_over_seeds(same, SAME_LABELS[0].upper() + SAME_LABELS[1:])))
+    return blocks + [("p", RULE + " Across seeds a claim counts as established only when it holds in every seed.")]
 
 
 def sweep_markdown(run: Path) -> str:

@@ -74,8 +74,8 @@ def trial_dir(base: Config, name: str) -> Path:
 def experiment_name(cfg: Config, trials: list[dict]) -> str:
     """Same grid and settings -> same Tune experiment (restored on a rerun); a changed setting
     starts a new one (its trials still reuse every stage the change leaves valid). Where the
-    run lives and how many trials run at once do not count."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "sweep")}
+    run lives, how many trials run at once and table1's seeds (another job's) do not count."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "sweep", "table1")}
     return "tune-" + stages.key_of(trials, settings, cfg.run.seed)
 
 

@@ -237,3 +237,16 @@ def test_a_removed_key_says_what_replaced_it(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'labels.val_count' was removed: validation images are part of the "
                                           r"label budget .* set labels.validation"):
         load_config(REPO / "configs" / "ci.yaml", ["labels.val_count=40"])
+
+
+def test_table1_seeds_are_label_seeds_each_given_once():
+    ci = REPO / "configs" / "ci.yaml"
+    assert load_config(ci).table1.seeds == ()  # one draw: labels.seed, the rows in RUN itself
+    assert load_config(ci, ["table1.seeds=[0, 1]"]).table1.seeds == (0, 1)
+    assert load_config(REPO / "configs" / "demo.yaml").table1.seeds == (0, 1, 2)
+    for item, message in (("table1.seeds=[0, 2, 2]", r"--set table1.seeds=\[0, 2, 2\]: key 'table1.seeds': \[0, 2, 2\] "
+                                                     r"repeats seed 2; give each seed once"),
+                          ("table1.seeds=[-1]", r"key 'table1.seeds': \(-1,\) is out of range \(allowed: >= 0\)"),
+                          ("table1.seeds=[a]", r"key 'table1.seeds\[0\]': expected int")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ci, [item])

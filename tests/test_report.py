@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -88,6 +89,10 @@ def fake_run(root: Path, *, synthetic: bool = True, counts: bool = True, patient
     stages = {name: stage_dir(run, name, aucs) for name, aucs in
               (("teacher", [0.6, 0.8, 0.7]), ("supervised", [0.5, 0.6]), ("student", [0.7, 0.9, 0.8, 0.75]))}
     stages["pretrain"] = stage_dir(run, "pretrain", [None, None], published=None)
+    monitored = [{**json.loads(line), **({"knn_auc": 0.61} if e == 1 else {})}  # pretrain.monitor_every 2
+                 for e, line in enumerate((stages["pretrain"] / "metrics.jsonl").read_text().splitlines())]
+    monitored.insert(0, {"event": "monitor", "labeled": LABELED, "validation": 1, "labels": {"seed": 3}})
+    (stages["pretrain"] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in monitored))
     evaluation = run / "evaluate-0123456789"
     evaluation.mkdir()
     Image.new("RGB", (8, 8)).save(evaluation / "roc_eyepacs_test.png")
@@ -352,3 +357,143 @@ def test_a_run_without_validation_images_says_no_operating_point_was_fixed():
            "auc": 0.7, "auc_ci": [0.6, 0.8], "brier": 0.2, "ece": 0.1, "operating_points": []}
     header, table = report.screening_table([row], {"operating_points": {}})
     assert len(table[0]) == len(header) and "no validation images" in table[0][3]
+
+
+def test_the_training_figure_shows_the_simclr_knn_probe_apart_from_the_classifiers_auc(built, tmp_path, monkeypatch):
+    md, _, given = built
+    assert [r.get("knn_auc") for r in given["stages"]["pretrain"]] == [None, 0.61]  # read from metrics.jsonl
+    caption = md.split("*Figure 3. ", 1)[1].split("*", 1)[0]
+    assert "Dashed with squares (right): the kNN probe AUC of the SimCLR backbone's features" in caption
+    assert "(pretrain: epoch 2 0.610, 40 labeled images voting on 1 of labels.seed 3, the draw of the run" in caption
+    records = {"pretrain": [{"epoch": 0, "loss": 5.0}, {"epoch": 1, "loss": 4.0, "knn_auc": 0.6},
+                            {"epoch": 2, "loss": 3.0}, {"epoch": 3, "loss": 2.5, "knn_auc": 0.7}],
+               "teacher": [{"epoch": e, "loss": 1.0, "val_auc": a} for e, a in enumerate([0.6, 0.8])]}
+    series = {(c["stage"], c["metric"]): c for c in plots.training_series(records)}
+    assert set(series) == {("pretrain", "loss"), ("pretrain", "knn_auc"), ("teacher", "loss"), ("teacher", "val_auc")}
+    knn = series[("pretrain", "knn_auc")]
+    assert (knn["epochs"], knn["values"], knn["panel"]) == ([2, 4], [0.6, 0.7], 1)  # only the probed epochs
+    assert knn["style"] != series[("teacher", "val_auc")]["style"] and "kNN" in knn["label"]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.training_figure(records, tmp_path / "t.png", {"pretrain": 3})
+    auc_panel = figures[0].axes[1]
+    drawn = {line.get_gid(): line for line in auc_panel.lines if line.get_gid() in ("knn_auc", "val_auc")}
+    assert list(drawn["knn_auc"].get_ydata()) == [0.6, 0.7] and drawn["knn_auc"].get_linestyle() == "--"
+    assert drawn["val_auc"].get_linestyle() == "-" and drawn["knn_auc"].get_color() != drawn["val_auc"].get_color()
+    assert [tuple(line.get_xdata()) for line in auc_panel.lines if line.get_gid() == "published"] == [(4, 4), (4,)]
+
+
+def test_an_unmonitored_pretraining_says_how_to_turn_the_probe_on():
+    assert "pretrain.monitor_every 0" in report.knn_text({"pretrain": [{"epoch": 0, "loss": 1.0}]})
+    assert report.knn_text({"teacher": [{"epoch": 0, "loss": 1.0, "val_auc": 0.5}]}) == ""
+
+
+def table1_row(method, test_set, auc, p_student=None, p_teacher=None, seed=0, labels="33.3% (80)"):
+    return {"method": method, "labels": labels, "architecture": "resnet18", "test_set": test_set, "n": 60,
+            "auc": auc, "ci_low": auc - 0.05, "ci_high": auc + 0.05, "paper_auc": 0.9, "p_vs_student": p_student,
+            "p_vs_teacher": p_teacher, "seed": seed}
+
+
+# Per seed on the EyePACS-style test: (student, teacher, supervised) AUCs, p(student, teacher),
+# p(teacher, supervised). Seed 0: both claims hold; seed 1: the teacher not distinguishable from
+# the supervised baseline; seed 2: the teacher significantly below it.
+SEEDS = {0: ((0.90, 0.80, 0.70), 0.01, 0.02), 1: ((0.85, 0.75, 0.74), 0.03, 0.6), 2: ((0.80, 0.70, 0.75), 0.04, 0.01)}
+
+
+def seeds_table() -> list[dict]:
+    table = []
+    for seed, ((student, teacher, supervised), p_st, p_ts) in SEEDS.items():
+        table += [table1_row("supervised", "eyepacs_test", supervised, 0.001, p_ts, seed),
+                  table1_row("teacher", "eyepacs_test", teacher, p_st, None, seed),
+                  table1_row("student", "eyepacs_test", student, None, p_st, seed)]
+    return table
+
+
+def test_one_seeds_table1_judges_the_papers_ordering_with_the_teacher_p():
+    text = report.markdown(report.table1_blocks([r for r in seeds_table() if r["seed"] == 1]))
+    assert ("EyePACS-style test: the paper's ordering (student >= teacher > supervised) is not distinguishable "
+            "(student >= teacher: holds; teacher > supervised: not distinguishable).") in text
+
+
+def test_table1_over_seeds_gives_mean_sd_every_seeds_ci_and_the_claim_in_k_of_n_seeds():
+    outcomes = [{"seed": s, "status": "finished", "dir": f"/r/seeds/seed-{s}", "error": None} for s in SEEDS]
+    outcomes.append({"seed": 3, "status": "failed", "dir": "/r/seeds/seed-3", "error": "RuntimeError: boom"})
+    table = seeds_table()
+    summary = report.seed_summary(table)
+    teacher = [SEEDS[s][0][1] for s in SEEDS]
+    mean = sum(teacher) / 3
+    sd = (sum((a - mean) ** 2 for a in teacher) / 2) ** 0.5  # n - 1
+    assert summary[("teacher", "eyepacs_test")]["mean"] == pytest.approx(mean)
+    assert summary[("teacher", "eyepacs_test")]["sd"] == pytest.approx(sd) and summary[("teacher", "eyepacs_test")]["n"] == 3
+    text = report.markdown(report.table1_seeds_blocks(table, outcomes))
+    assert f"| teacher | 33.3% (80) | resnet18 | {mean:.3f} +- {sd:.3f} (3) |" in text
+    assert "| student | 0.900 [0.850, 0.950] | 0.850 [0.800, 0.900] | 0.800 [0.750, 0.850] |" in text  # every seed's CI
+    assert "Failed seeds, in no number below: seed 3 (RuntimeError: boom; its run `/r/seeds/seed-3`)" in text
+    assert ("EyePACS-style test: The paper's ordering (student >= teacher > supervised) holds in 1 of 3 seeds (seed 0); "
+            "not distinguishable in 1 (seed 1); does not hold in 1 (seed 2). Across the seeds: not established (it "
+            "holds in 1 of 3, and significantly the wrong way in 1).") in text
+    assert "On the means over the seeds (student 0.850 +- 0.050 (3), teacher 0.750 +- 0.050 (3), supervised " \
+           "0.730 +- 0.026 (3)) the order is the paper's: a description of 3 label draws, not a test." in text
+    assert ("The student above every method on the same labels holds in 3 of 3 seeds (seeds 0, 1, 2); not "
+            "distinguishable in 0 (none); does not hold in 0 (none). Across the seeds: it holds in every one.") in text
+
+
+def test_the_report_of_a_table1_over_seeds_is_built_from_its_files(tmp_path):
+    import pyarrow as pa
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.Table.from_pylist(seeds_table(), schema=report.TABLE1_SCHEMA), run / "table1.parquet")
+    outcomes = [{"seed": s, "status": "finished", "dir": str(run / "seeds" / f"seed-{s}"), "error": None} for s in SEEDS]
+    write_json(run / report.TABLE1_SEEDS, outcomes)
+    report.build(run)  # no metrics.json in RUN: each seed's evaluation is in its own folder
+    md = (run / "report.md").read_text()
+    assert "## Table 1 over label draws (drray run table1)" in md and "holds in 1 of 3 seeds" in md
+    assert "Results (Table 1 layout)" not in md and PAPER_HEADING in md
+    write_json(run / report.TABLE1_SEEDS, outcomes[:1] + [{**outcomes[1], "status": "failed", "error": "x"}])
+    assert report.table1_over_seeds(run) is None  # the parquet's seeds are not the record's: not this table
+
+
+PAPER_HEADING = "## " + report.PAPER_TITLE
+
+
+def test_table1_over_seeds_reports_a_failed_seed_and_a_rerun_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """jobs.table1's loop over seeds with its pipeline stubbed (no Ray): seed 1 fails, seed 0's
+    rows make the table and the failure is named; the rerun runs seed 1 only."""
+    import pyarrow as pa
+
+    from drray.config import load_config
+    from jobs import table1
+
+    ran, broken = [], {1}
+
+    def steps_of_a_seed(cfg, steps):
+        seed = cfg.labels.seed
+        ran.append(seed)
+        assert cfg.run.stages == str((tmp_path / "run").resolve())  # every seed in the one stage cache
+        if seed in broken:
+            raise RuntimeError("the teacher diverged")
+        rows = [r for r in seeds_table() if r["seed"] == seed]
+        pq.write_table(pa.Table.from_pylist(rows, schema=report.TABLE1_SCHEMA), Path(cfg.run.dir) / "table1.parquet")
+        return {}
+
+    monkeypatch.setattr(table1, "SHARED_STAGES", ())
+    monkeypatch.setattr(table1, "run_steps", steps_of_a_seed)
+    cfg = load_config(REPO_CI, [f"run.dir={tmp_path / 'run'}", "table1.seeds=[0, 1]"])
+    for seed in (0, 1):
+        (tmp_path / "run" / "seeds" / f"seed-{seed}").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=r"1 of 2 seeds failed: seed 1 \(RuntimeError: the teacher diverged\)"):
+        table1.run(cfg)
+    assert ran == [0, 1]
+    text = (tmp_path / "run" / "table1.md").read_text()
+    assert "2 label draws (labels.seed 0, 1), 1 finished" in text and "seed 1 (RuntimeError: the teacher diverged" in text
+    assert {r["seed"] for r in pq.read_table(tmp_path / "run" / "table1.parquet").to_pylist()} == {0}
+    assert "Failed seeds" in (tmp_path / "run" / "report.md").read_text()
+    broken.clear()
+    table1.run(cfg)
+    assert ran == [0, 1, 1]  # seed 0 finished with these settings: kept, not rerun
+    assert {r["seed"] for r in pq.read_table(tmp_path / "run" / "table1.parquet").to_pylist()} == {0, 1}
+    assert "holds in 1 of 2 seeds" in (tmp_path / "run" / "table1.md").read_text()
+
+
+REPO_CI = Path(__file__).resolve().parents[1] / "configs" / "ci.yaml"

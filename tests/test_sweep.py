@@ -96,6 +96,48 @@ def test_sweep_summary_mean_and_sd_over_seeds():
     assert summary[("external", "teacher", 0.25, 50)]["sd"] == 0.0
 
 
+def test_the_sweep_report_gives_mean_sd_and_n_per_labels_method_and_test_set_and_plots_every_seed(tmp_path,
+                                                                                                   monkeypatch):
+    """sweep_blocks on a written sweep.parquet (no Ray): the table's mean +- sd (n seeds), one seed
+    shown without an sd, and the figure given every seed's AUC beside the mean and sd."""
+    import pyarrow as pa
+
+    from drray import plots, report
+
+    rows = []
+    for seed, aucs in enumerate(((0.6, 0.7), (0.8, 0.75), (0.7, 0.8))):
+        for (fraction, count), auc in zip(((0.1, 24), (0.25, 60)), aucs, strict=True):
+            rows.append({"trial": f"frac{fraction:g}-seed{seed}", "fraction": fraction, "count": count, "seed": seed,
+                         "method": "teacher", "test_set": "external", "auc": auc, "ci_low": auc - 0.1,
+                         "ci_high": auc + 0.1, "n": 60, "positives": 12, "trial_seconds": 10.0})
+    rows.append({**rows[0], "trial": "frac0.1-seed0", "method": "student", "auc": 0.9})  # one seed only
+    pq.write_table(pa.Table.from_pylist(rows, schema=report.SWEEP_SCHEMA), tmp_path / "sweep.parquet")
+    given = {}
+    monkeypatch.setattr(plots, "sweep_figure", lambda panels, path: given.update(panels))
+    md = report.markdown(report.sweep_blocks(tmp_path))
+    assert "| 10% (24) | 0.700 +- 0.100 (3) | 0.900 (1 seed: no sd) |" in md
+    assert "| 25% (60) | 0.750 +- 0.050 (3) |  |" in md
+    teacher = given["Messidor-2-style external"]["teacher"]
+    assert [(f, round(m, 6), round(sd, 6), a) for f, m, sd, a in teacher] == [
+        (0.1, 0.7, 0.1, [0.6, 0.8, 0.7]), (0.25, 0.75, 0.05, [0.7, 0.75, 0.8])]
+    assert pq.read_table(tmp_path / "sweep.parquet").column("seed").to_pylist().count(1) == 2  # per seed, kept
+
+
+def test_the_sweep_figure_draws_error_bars_and_every_seeds_dot(tmp_path, monkeypatch):
+    from drray import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.sweep_figure({"t": {"teacher": [(0.1, 0.7, 0.1, [0.6, 0.8, 0.7]), (0.25, 0.75, 0.05, [0.7, 0.75, 0.8])]}},
+                       tmp_path / "s.png")
+    ax = figures[0].axes[0]
+    bars = ax.containers[0]  # the errorbar: mean line, caps, +-sd segments
+    assert list(bars.lines[0].get_ydata()) == [0.7, 0.75]
+    segments = bars.lines[2][0].get_segments()
+    assert [(round(s[0][1], 6), round(s[1][1], 6)) for s in segments] == [(0.6, 0.8), (0.7, 0.8)]
+    assert sorted(y for c in ax.collections[1:] for y in c.get_offsets()[:, 1]) == [0.6, 0.7, 0.7, 0.75, 0.8, 0.8]
+
+
 # --- the real sweep ------------------------------------------------------------------------------
 
 
@@ -219,7 +261,7 @@ def test_the_rerun_restored_the_sweep_without_redoing_finished_trials(swept):
 def test_sweep_table_figure_and_report(swept):
     run, _, _, _ = swept
     md = (run / "sweep.md").read_text()
-    assert "| 10% (24) |" in md and "| 25% (60) |" in md and "(1) |" in md  # mean +- sd over 1 seed; budgets
+    assert "| 10% (24) |" in md and "| 25% (60) |" in md and "(1 seed: no sd) |" in md  # one seed: no sd; budgets
     assert Image.open(run / "figures" / "sweep_auc.png").size[0] > 500
     report = (run / "report.md").read_text()
     assert "Label-fraction sweep" in report and "figures/sweep_auc.png" in report
