@@ -20,7 +20,7 @@ def test_supervised_on_all_demo_labels_reaches_auc_0_9(tmp_path, ray_session):
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"run.dir={tmp_path}", "finetune.start_from=none", "finetune.backbone=resnet18",
-        "labels.fraction=1.0", "labels.count=null", "labels.validation=0.125", "finetune.epochs=8",
+        "labels.fraction=1.0", "labels.count=null", "labels.validation=0.125", "finetune.epochs=6",
         "finetune.batch_size=64", "finetune.optim={name: adam, lr: 2.0e-3, warmup_epochs: 1, schedule: cosine}",
         "finetune.scaling.channels_last=true",
     ])
