@@ -50,18 +50,26 @@ def log_only(text: str, exc_info=None) -> None:
 
 
 class _ToLogFile(logging.Filter):
-    """At the logger where a record is made: hand it to the log file, keep it off the console."""
+    """At the logger where a record is made: hand it to the log file, keep it off the console
+    (every record, or those whose message starts with ``prefix``)."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
         logging.getLogger(_LOG_FILE_ONLY).handle(record)
         return False
 
 
-def keep_off_console(logger_name: str) -> None:
-    """A library's notices that say nothing about the work (Ray's start-up banners): log file only."""
+def keep_off_console(logger_name: str, prefix: str = "") -> None:
+    """A library's notices that say nothing about the work (Ray's start-up banners): log file
+    only; with ``prefix``, only the notices that start with it."""
     logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, _ToLogFile) for f in logger.filters):
-        logger.addFilter(_ToLogFile())
+    if not any(isinstance(f, _ToLogFile) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_ToLogFile(prefix))
 
 
 def say(prefix: str, text: str) -> None:

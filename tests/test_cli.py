@@ -58,6 +58,8 @@ def test_an_error_inside_a_ray_worker_is_one_line_and_its_traceback_is_in_the_ru
 
     def job(cfg):
         logging.getLogger("ray._private.authentication.authentication_token_setup").warning("a Ray banner")
+        logging.getLogger("ray.data.dataset").warning("Warning: The Ray cluster currently does not have any "
+                                                      "available CPUs. The Dataset job will hang unless ...")
         return ray_session.get(read_shard.remote())
 
     monkeypatch.setattr(jobs.cli, "job_function", lambda name: job)
@@ -69,6 +71,19 @@ def test_an_error_inside_a_ray_worker_is_one_line_and_its_traceback_is_in_the_ru
     assert lines == [f"Error: pretrain failed: RuntimeError: shard 3 is truncated (traceback in {run / 'drray.log'})"]
     log = (run / "drray.log").read_text()
     assert "Traceback" in log and "shard 3 is truncated" in log and "a Ray banner" in log
+    assert "The Dataset job will hang" in log  # each epoch's false alarm: kept, off the console
+
+
+def test_a_notice_filter_with_a_prefix_lets_the_logger_s_other_records_through():
+    import logging
+
+    from drray.progress import keep_off_console
+
+    keep_off_console("drray.test.notices", "Warning: noise")
+    logger = logging.getLogger("drray.test.notices")
+    noise = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "Warning: noise, every epoch", (), None)
+    real = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "a block could not be read", (), None)
+    assert logger.filter(noise) is False and logger.filter(real)
 
 
 def test_root_cause_unwraps_training_workers_and_controllers():

@@ -43,6 +43,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     log.info("starting Ray (%s)", address or "local")
     for name in RAY_NOTICES:
         keep_off_console(name)
+    keep_off_console(*RAY_DATA_NO_CPU)
     ray.init(address=address, **kwargs)
     _quiet_ray_data()
 
@@ -50,6 +51,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 # Ray's loggers whose notices are about Ray, not the work (token authentication enabled by
 # default, Ray Data's progress bars off because drray prints its own): kept in RUN/drray.log.
 RAY_NOTICES = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
+# Ray Data warns that a dataset "will hang" whenever no CPU is free when it starts, which is every
+# epoch of a stage whose training loop holds the CPUs it reserved while the data tasks run on the
+# fractions set aside for them (drray.distributed.resources); drray checks its placement itself.
+RAY_DATA_NO_CPU = ("ray.data.dataset", "Warning: The Ray cluster currently does not have any available CPUs")
 
 
 def root_cause(exc: BaseException) -> BaseException:
