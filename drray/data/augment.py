@@ -26,6 +26,7 @@ work in float, not on rounded uint8.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -168,16 +169,18 @@ def render_in_chunks(render, images: torch.Tensor, params: dict[str, torch.Tenso
                       for i in range(0, n, rows)])
 
 
-class Augmentation:
+class Augmentation(abc.ABC):
     """A view made in two steps: ``draw(n, generator)``, the per-image parameters (a dict of
     tensors whose first dimension is the image), then ``render(x, params)`` on the images'
     device (x: float32 in [0, 1], the renderer's own copy). Calling it does both."""
 
+    @abc.abstractmethod
     def draw(self, n: int, generator=None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The per-image parameters of ``n`` images."""
 
+    @abc.abstractmethod
     def render(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The view of ``x`` under the parameters ``p``."""
 
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """The view of ``images`` (uint8, or float in [0, 1], NCHW), float32 in [0, 1]."""
