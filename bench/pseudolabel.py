@@ -55,7 +55,8 @@ import numpy as np, pyarrow.parquet as pq, torch
 from drray.data.shards import shard_paths
 from drray.data.transforms import decode_to_tensor
 from drray.engine.checkpoint import load_model
-from drray.engine.loop import predict_batch, resolve_precision
+from drray.engine.loop import resolve_precision
+from drray.engine.predict import predict_batch
 torch.set_num_threads(int(sys.argv[5]))
 
 class Pool(torch.utils.data.IterableDataset):

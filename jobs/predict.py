@@ -158,7 +158,7 @@ def patient_decisions(rows: list[dict], point: OperatingPoint) -> list[dict]:
 def _screen(model, prepared: list[dict], device, point: OperatingPoint, identity: ModelIdentity,
             images: Path) -> list[dict]:
     """One output row per prepared row: a decision for every image, graded or not."""
-    from drray.engine.loop import predict_batch
+    from drray.engine.predict import predict_batch
 
     good = [r for r in prepared if r["kind"] is None]
     pixels = [decode_to_tensor(r["image"]).numpy() for r in good]

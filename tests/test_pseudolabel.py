@@ -18,8 +18,8 @@ from drray.artifacts import atomic_write_json
 from drray.config import load_config
 from drray.data.transforms import iter_eval_batches
 from drray.engine.checkpoint import load_model, save_checkpoint
-from drray.engine.loop import predict
 from drray.engine.model import ModelSpec
+from drray.engine.predict import predict
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.ray

@@ -60,11 +60,12 @@ class ModelActor:
         self.features = features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from drray.engine.loop import predict_batch
+        from drray.engine.predict import predict_batch
 
         out = {k: v for k, v in batch.items() if k != "image"}
         for name, model in self.models.items():
-            probs, feats = predict_batch(model, batch["image"], device=self.device, dtype=self.dtype)
+            probs, feats = predict_batch(model, batch["image"], device=self.device, dtype=self.dtype,
+                                         features=self.features)
             out[prob_column(name)] = probs
             if self.features:
                 out[features_column(name)] = feats

@@ -31,9 +31,10 @@ from drray.artifacts import StageDir, atomic_directory, atomic_write_text
 from drray.config import OptimConfig
 from drray.engine.checkpoint import MODEL_LEGACY, load_training_state, save_checkpoint
 from drray.engine.ema import EMA
-from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
+from drray.engine.loop import make_scaler, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from, unwrap
 from drray.engine.optim import build_optimizer, build_scheduler, parameter_groups
+from drray.engine.predict import predict
 from drray.engine.stopping import should_stop
 from drray.methods import Method, augment_batch
 

@@ -1,4 +1,4 @@
-"""The training and prediction loop, shared by every stage. A stage supplies a step function
+"""The training loop, shared by every stage (prediction: drray.engine.predict). A stage supplies a step function
 ``step(model, batch) -> (loss, n_images)`` or ``(loss, n_images, stats)``, where ``stats`` are
 detached scalars the epoch reports as means per image (FixMatch's mask rate); the loop does
 precision, optimisation and timing, and makes the method's views of each batch on the device
@@ -110,29 +110,3 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
             "first_batch_wait_s": round(first_wait or 0.0, 3),
             "lr": optimizer.param_groups[0]["lr"],
             **{name: round(float(value) / max(seen, 1), 4) for name, value in sums.items()}}
-
-
-@torch.no_grad()
-def predict_batch(model: torch.nn.Module, images, *, device: torch.device, dtype: torch.dtype | None,
-                  channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid probabilities (B,) and penultimate features (B, D) of a one-logit classifier
-    for a batch of uint8 NCHW images; the model must be in eval mode."""
-    x = to_device({"image": images}, device, channels_last)["image"]
-    with autocast(device, dtype):
-        features = model.features(x)
-        logits = model.head(features)
-    return torch.sigmoid(logits.float()).cpu().numpy(), features.float().cpu().numpy()
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable[dict], *, device: torch.device,
-            dtype: torch.dtype | None, channels_last: bool = False) -> tuple[list[str], np.ndarray]:
-    """Sigmoid probabilities of a one-logit classifier, with the batches' image ids."""
-    model.eval()
-    ids, probs = [], []
-    for batch in batches:
-        batch_probs, _ = predict_batch(model, batch["image"], device=device, dtype=dtype,
-                                       channels_last=channels_last)
-        probs.append(batch_probs)
-        ids.extend(str(i) for i in batch["image_id"])
-    return ids, (np.concatenate(probs) if probs else np.zeros(0, np.float32))

@@ -9,9 +9,10 @@ import torch
 
 from drray.data.transforms import AugmentSpec
 from drray.engine.checkpoint import load_model, load_training_state, read_meta, save_checkpoint
-from drray.engine.loop import make_scaler, predict, resolve_precision, train_epoch
+from drray.engine.loop import make_scaler, resolve_precision, train_epoch
 from drray.engine.model import ModelSpec, init_backbone_from
 from drray.engine.optim import LARS, build_optimizer, build_scheduler, lr_factor
+from drray.engine.predict import predict
 from drray.methods import SimCLR
 from drray.methods.classify import classify_step
 from drray.models.checkpoints import CheckpointMismatch
