@@ -132,11 +132,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes)
+    # Ray Train workers. "auto": one per GPU of the Ray cluster with use_gpu, else one per node
+    # (a CPU worker uses its cpus_per_worker as torch threads); as many as divide the batch.
+    num_workers: int | Literal["auto"] = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1  # leave CPUs free: the Ray Data pipeline that feeds workers needs them
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     channels_last: bool = False
+    sync_batchnorm: bool = True  # BatchNorm statistics over all workers' batches (CUDA, > 1 worker)
+    compile: bool = False  # torch.compile the model (minutes of compiling first; faster steps on GPUs)
     # Where the fit loop runs. "ray": Ray Train workers. "driver": in the job's own process, fed by
     # the same Ray Data streams, its CPUs reserved in the Ray cluster, checkpoints in the same
     # place. "auto": the driver for one CPU worker (a Ray Train start-up costs ~6-10 s here and
@@ -144,6 +148,7 @@ class ScalingConfig:
     runtime: Literal["auto", "ray", "driver"] = "auto"
 
     def resolved_runtime(self) -> str:
+        """Where the fit loop runs (num_workers resolved: see drray.distributed.scaling)."""
         if self.runtime != "auto":
             return self.runtime
         return "driver" if self.num_workers == 1 and not self.use_gpu else "ray"
@@ -203,7 +208,9 @@ class InferenceConfig:
     """Batch inference with Ray Data (pseudo-labels, evaluation): actors that hold the model."""
 
     batch_size: int = 128
-    concurrency: int = 1  # model actors: one per GPU with use_gpu, CPU actors otherwise
+    # Model actors: one per GPU with use_gpu, CPU actors otherwise. "auto": one per GPU of the
+    # Ray cluster with use_gpu, else as many CPU actors as leave the data tasks their share.
+    concurrency: int | Literal["auto"] = 1
     cpus_per_actor: int = 1  # also the actor's torch threads; leave CPUs for the decode tasks
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
@@ -258,7 +265,11 @@ class SemiSupervisedConfig:
     images included, as both papers do), evaluated with an EMA of its weights."""
 
     backbone: str = "resnet50"  # Table 1: ResNet50 for both
-    init: Literal["random", "imagenet"] = "random"
+    # Where the backbone starts: "random", "imagenet" (`weights`, a local file: how the authors
+    # started every model) or "pretrained": the SimCLR backbone of the run's pretraining stage
+    # (the teacher's start; for users without ImageNet weights, so that the baselines start
+    # alike with the teacher; `backbone` must then be pretrain.backbone)
+    init: Literal["random", "imagenet", "pretrained"] = "random"
     weights: str | None = None
     epochs: int = 100  # passes over the unlabeled set
     batch_size: int = 64  # labeled images per step (global); the unlabeled batch is mu x this
@@ -352,6 +363,9 @@ class Config:
     source_file: str = field(default="", compare=False, metadata={"internal": True})
     # The --set overrides laid over the file, as (dotted key, "key=value"): for error messages.
     overrides: tuple[tuple[str, str], ...] = field(default=(), compare=False, metadata={"internal": True})
+    # How many jobs share the Ray cluster evenly (a sweep's concurrent trials): "auto" worker and
+    # actor counts take this job's share (drray.distributed.scaling). Not a YAML key.
+    share: int = field(default=1, compare=False, metadata={"internal": True})
 
     def origin(self) -> Origin:
         return Origin(self.source_file or "<config>", dict(self.overrides))

@@ -19,6 +19,7 @@ from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
 from drray.distributed.prepare import ensure_prepared
 from drray.distributed.runtime import ensure_ray
+from drray.distributed.scaling import AUTO, cluster_shape, training_workers
 from drray.distributed.train import fit_stage, plan_record
 from drray.engine.checkpoint import MODEL_LEGACY, read_meta
 from drray.engine.fit import FitPlan
@@ -178,23 +179,35 @@ def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, **ex
     """A stage's FitPlan from its config section (epochs, batch_size, optim, scaling,
     checkpoint_every): what every training stage sets the same way."""
     section = r.stage.config(cfg)
-    batch = batch_for(section.batch_size, n_rows, section.scaling.num_workers, r.stage.name)
+    scaling = stage_scaling(cfg, r)
+    batch = batch_for(section.batch_size, n_rows, scaling.num_workers, r.stage.name)
     return FitPlan(
         name=r.stage.name, out_dir=str(r.dir.path), spec=spec, method=method, epochs=section.epochs,
-        batch_size=per_worker_batch(batch, section.scaling, r.stage.section),
+        batch_size=per_worker_batch(batch, scaling, r.stage.section),
         steps_per_epoch=steps_per_epoch(n_rows, batch), optim=section.optim,
-        precision=section.scaling.precision, channels_last=section.scaling.channels_last,
-        checkpoint_every=section.checkpoint_every, seed=stages.training_seed(cfg, r.stage.name),
-        epochs_per_pass=epochs_per_pass(section.epochs, n_rows), **extra,
+        precision=scaling.precision, channels_last=scaling.channels_last, sync_batchnorm=scaling.sync_batchnorm,
+        compile=scaling.compile, checkpoint_every=section.checkpoint_every,
+        seed=stages.training_seed(cfg, r.stage.name), epochs_per_pass=epochs_per_pass(section.epochs, n_rows),
+        **extra,
     )
+
+
+def stage_scaling(cfg: Config, r: stages.Resolved) -> ScalingConfig:
+    """The stage's scaling with its number of workers ("auto" resolved from this job's share of
+    the Ray cluster, drray.distributed.scaling); its key keeps what the config says."""
+    section = r.stage.config(cfg)
+    if section.scaling.num_workers != AUTO:
+        return section.scaling
+    return training_workers(section.scaling, section.batch_size, r.stage.section, cluster_shape(cfg.share))
 
 
 def fit(cfg: Config, r: stages.Resolved, plan: FitPlan, streams: dict) -> dict:
     """Train the stage on Ray Train, then mark it complete."""
     section = r.stage.config(cfg)
-    metrics = fit_stage(plan, streams, section.scaling, storage(cfg), keep_checkpoints=section.keep_checkpoints,
+    scaling = stage_scaling(cfg, r)
+    metrics = fit_stage(plan, streams, scaling, storage(cfg), keep_checkpoints=section.keep_checkpoints,
                         max_failures=cfg.run.max_failures)
-    finish_stage(cfg, r, {"metrics": metrics, "run": plan_record(plan)})
+    finish_stage(cfg, r, {"metrics": metrics, "run": plan_record(plan), "num_workers": scaling.num_workers})
     return {"stage": r.stage.name, "dir": str(r.dir.path), "metrics": metrics}
 
 

@@ -65,8 +65,8 @@ def run(cfg: Config, name: str = "teacher") -> dict:
     prepared = cfg.data.eyepacs.prepared
     datasets = {
         "train": Stream(Selection(prepared, method.train_views, size, split="train", targets=subset.labeled),
-                               plan.batch_size, full_shuffle=True, epochs_per_pass=plan.epochs_per_pass),
-        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256),
+                               plan.batch_size, epochs_per_pass=plan.epochs_per_pass),
+        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256, shuffle=False),
     }
     return common.fit(cfg, r, plan, datasets)
 

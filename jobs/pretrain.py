@@ -43,5 +43,5 @@ def _probe_streams(cfg: Config, out: StageDir) -> dict:
     out.append_metrics(
         {"event": "monitor", "labeled": len(subset.labeled), "validation": len(subset.validation),
          "labels": to_dict(cfg.labels), "time": time.time()})
-    return {"probe_train": Stream(Selection.clean(prepared, size, split="train", targets=subset.labeled), 256),
-            "probe_val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256)}
+    return {name: Stream(Selection.clean(prepared, size, split="train", targets=ids), 256, shuffle=False)
+            for name, ids in (("probe_train", subset.labeled), ("probe_val", subset.validation))}

@@ -27,7 +27,13 @@ from pathlib import Path
 from drray import report
 from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
 from drray.config import Config, run_dir, stages_dir, to_dict
-from drray.distributed.resources import Demand, cluster_capacity, inference_demand, training_demand
+from drray.distributed.resources import Demand, inference_demand, training_demand
+from drray.distributed.scaling import (
+    ClusterShape,
+    cluster_shape,
+    inference_actors,
+    training_workers,
+)
 from jobs import common, stages
 from jobs.runner import Invocations, pipeline_steps, run_steps, say
 
@@ -64,7 +70,8 @@ def trial_config(base: Config, trial: dict) -> Config:
     labels = dataclasses.replace(base.labels, fraction=trial["fraction"], count=trial["count"], seed=trial["seed"])
     run = dataclasses.replace(base.run, dir=str(trial_dir(base, trial["name"])),
                               stages=str(stages_dir(base).resolve()))
-    return dataclasses.replace(base, labels=labels, run=run)
+    # "auto" worker counts take one trial's share of the cluster, as check_sweep_fits counts them
+    return dataclasses.replace(base, labels=labels, run=run, share=base.sweep.concurrent_trials)
 
 
 def trial_dir(base: Config, name: str) -> Path:
@@ -82,25 +89,29 @@ def experiment_name(cfg: Config, trials: list[dict]) -> str:
 # --- resources ---------------------------------------------------------------------------------
 
 
-def trial_demand(cfg: Config) -> Demand:
-    """A trial's peak: its own process plus the largest of the stages it runs one after another."""
+def trial_demand(cfg: Config, shape: ClusterShape) -> Demand:
+    """A trial's peak: its own process plus the largest of the stages it runs one after another
+    ("auto" counts resolved from one trial's ``shape`` of the cluster)."""
     demands = []
     for s in stages.training_stages(cfg):
-        scaling = s.config(cfg).scaling
+        section = s.config(cfg)
+        scaling = training_workers(section.scaling, section.batch_size, s.section, shape)
         demands.append(training_demand(scaling.num_workers, scaling.cpus_per_worker, scaling.use_gpu,
                                        f"{s.section}.scaling"))
     for name in INFERENCE_STAGES:
         section = stages.STAGES[name].config(cfg)
-        demands.append(inference_demand(section.concurrency, section.cpus_per_actor, section.use_gpu, name))
+        actors = inference_actors(section.concurrency, section.cpus_per_actor, section.use_gpu, name, shape)
+        demands.append(inference_demand(actors, section.cpus_per_actor, section.use_gpu, name))
     largest = max(demands, key=lambda d: (d.cpus, d.gpus))
     return Demand(cfg.sweep.trial_cpus + largest.cpus, max(d.gpus for d in demands), largest.what)
 
 
-def check_sweep_fits(cfg: Config, capacity: Demand) -> None:
+def check_sweep_fits(cfg: Config, cluster: ClusterShape) -> None:
     """Fail before Tune starts, saying what is missing: Tune would wait forever for trials
     (or their Train workers) that the cluster cannot place."""
-    one = trial_demand(cfg)
     n = cfg.sweep.concurrent_trials
+    one = trial_demand(cfg, cluster.share(n))
+    capacity = cluster.capacity
     need = one.times(n)
     fit = int(min(capacity.cpus // one.cpus if one.cpus else n,
                   capacity.gpus // one.gpus if one.gpus else n))
@@ -178,7 +189,7 @@ def run(cfg: Config) -> dict:
 
     trials = grid(cfg)
     record = run_shared_stages(cfg, "sweep.json", trials)
-    check_sweep_fits(cfg, cluster_capacity())
+    check_sweep_fits(cfg, cluster_shape())
     out = run_dir(cfg).resolve()
     started = time.time()
     record.stage("trials", "running", started)

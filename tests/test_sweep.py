@@ -19,6 +19,7 @@ from PIL import Image
 
 from drray.config import ConfigError, load_config
 from drray.distributed.resources import Demand
+from drray.distributed.scaling import ClusterShape
 from drray.report import sweep_summary
 from jobs import sweep
 from tests.conftest import REPO
@@ -73,17 +74,32 @@ def test_the_experiment_follows_settings_not_placement(tmp_path):
 
 def test_a_sweep_that_does_not_fit_the_cluster_says_what_is_missing():
     cfg = load_config(SWEEP_CI, ["sweep.concurrent_trials=3"])
-    assert sweep.trial_demand(cfg) == Demand(2.0, 0, "finetune.scaling")  # 0.5 + 1 worker + 0.5 data
-    sweep.check_sweep_fits(cfg, Demand(6.0))
+    assert sweep.trial_demand(cfg, cpus(6)) == Demand(2.0, 0, "finetune.scaling")  # 0.5 + 1 worker + 0.5 data
+    sweep.check_sweep_fits(cfg, cpus(6))
     with pytest.raises(ValueError, match=r"need 6 CPUs.*has 4 CPUs.*sweep.concurrent_trials=2"):
-        sweep.check_sweep_fits(cfg, Demand(4.0))
+        sweep.check_sweep_fits(cfg, cpus(4))
     gpu = load_config(SWEEP_CI, ["distill.scaling.use_gpu=true", "distill.scaling.num_workers=2",
                                  "distill.batch_size=32"])
     with pytest.raises(ValueError, match=r"2 GPUs.*has 4 CPUs and 0 GPUs.*add nodes"):
-        sweep.check_sweep_fits(gpu, Demand(4.0))
+        sweep.check_sweep_fits(gpu, cpus(4))
     baseline = load_config(SWEEP_CI, ["pipeline.baselines=[fixmatch]", "fixmatch.scaling.num_workers=2",
                                       "fixmatch.batch_size=8"])
-    assert sweep.trial_demand(baseline) == Demand(3.0, 0, "fixmatch.scaling")  # a baseline's workers count too
+    assert sweep.trial_demand(baseline, cpus(4)) == Demand(3.0, 0, "fixmatch.scaling")  # a baseline's workers count too
+
+
+def test_auto_workers_take_one_trials_share_of_the_gpus():
+    cfg = load_config(SWEEP_CI, ["sweep.concurrent_trials=2", "distill.scaling.use_gpu=true",
+                                 "distill.scaling.num_workers=auto", "distill.batch_size=32",
+                                 "pseudolabel.concurrency=auto", "pseudolabel.use_gpu=true"])
+    eight_gpus = ClusterShape(64, 8, 1)
+    assert sweep.trial_demand(cfg, eight_gpus.share(2)).gpus == 4  # 4 workers, 4 actors per trial
+    sweep.check_sweep_fits(cfg, eight_gpus)  # two trials of 4 GPUs fit 8
+    trial = sweep.trial_config(cfg, sweep.grid(cfg)[0])
+    assert trial.share == 2 and trial.distill.scaling.num_workers == "auto"  # resolved in the trial, from its share
+
+
+def cpus(n: float) -> ClusterShape:
+    return ClusterShape(n, 0, 1)
 
 
 def test_sweep_summary_mean_and_sd_over_seeds():

@@ -4,6 +4,7 @@ model. Also SimCLR's augmentation strengths (AugmentSpec)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,17 @@ class AugmentSpec:
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """NCHW images, uint8 or float in [0, 1] (augmented views) -> float32 standardised
     (ImageNet statistics)."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _statistics(images.device)
     unit = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return (unit - mean) / std
+
+
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (1, 3, 1, 1) tensors on ``device``, made once per device: building them
+    in every call copied them host-to-device at every step."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
 def decode_to_tensor(data: bytes) -> torch.Tensor:

@@ -115,24 +115,24 @@ class Stream:
 
     selection: Selection
     batch_size: int
-    full_shuffle: bool = False
     epochs_per_pass: int = 1
+    shuffle: bool = True  # rows in a new order every epoch (training); False: as stored (validation)
 
     def build(self):
-        return stage_dataset(self.selection, self.batch_size, self.full_shuffle, self.epochs_per_pass)
+        return stage_dataset(self.selection, self.batch_size, self.epochs_per_pass, self.shuffle)
 
 
-def stage_dataset(selection: Selection, batch_size: int, full_shuffle: bool = False,
-                  epochs_per_pass: int = 1):
+def stage_dataset(selection: Selection, batch_size: int, epochs_per_pass: int = 1, shuffle: bool = True):
     """A Ray Dataset of decoded images for ``selection``: ``epochs_per_pass`` epochs of it, each
-    in a new order. Blocks of the worker's ``batch_size`` let the worker take batches as they
-    come instead of re-assembling them from smaller blocks.
+    with its rows in a new random order (``shuffle``). Blocks of the worker's ``batch_size`` let
+    the worker take batches as they come instead of re-assembling them from smaller blocks.
     """
     # The selected rows' encoded images are read once and kept in Ray's object store (spilled
-    # to disk when larger than it): reading again every epoch costs more than it saves. Shuffle
-    # the encoded rows, not decoded tensors: a small selection fully for every epoch, a pool by
-    # blocks (~250 rows) in a new random order for every epoch.
+    # to disk when larger than it): reading again every epoch costs more than it saves. Every
+    # epoch shuffles the encoded rows (not decoded tensors) across the whole selection: rows are
+    # stored in file order, where a patient's two eyes are neighbours, so shuffling only the order
+    # of blocks (as drray did before) kept them in one batch, each other's SimCLR negatives.
     ds = _read_once(selection)
-    ds = repeat(ds.random_shuffle() if full_shuffle else ds.randomize_block_order(), epochs_per_pass)
+    ds = repeat(ds.random_shuffle() if shuffle else ds, epochs_per_pass)
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)

@@ -74,6 +74,8 @@ class FitPlan:
     unlabeled_batch: int = 0  # per worker, of the "unlabeled" stream (FixMatch / MixMatch)
     ema_decay: float | None = None  # validate, keep and publish this EMA of the weights
     probe_every: int = 0  # kNN probe AUC (engine.probe) every N epochs on the "probe_*" streams (rank 0)
+    sync_batchnorm: bool = True  # BatchNorm statistics over every worker's batch (several CUDA workers)
+    compile: bool = False  # torch.compile the model's forward (in place: checkpoints keep their keys)
 
     @property
     def stage_dir(self) -> StageDir:
@@ -116,10 +118,7 @@ def fit(plan: FitPlan, runtime: Runtime) -> dict:
     if rank == 0:
         out.path.mkdir(parents=True, exist_ok=True)
     out.write_pid(rank)
-    model = _initial_model(plan)
-    if plan.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = runtime.wrap(model)
+    model = runtime.wrap(for_device(_initial_model(plan), plan, runtime))
     o = plan.optim
     optimizer = build_optimizer(parameter_groups(model, o.weight_decay), o.name, o.lr, o.weight_decay, o.momentum,
                                 o.nesterov)
@@ -130,6 +129,8 @@ def fit(plan: FitPlan, runtime: Runtime) -> dict:
     scaler = make_scaler(device, dtype)
     ema = EMA(model, plan.ema_decay) if plan.ema_decay is not None else None
     evaluated = ema.model if ema is not None else model  # what is validated, kept as best and published
+    if plan.compile:  # after the EMA's copy: the average is only evaluated, and a compiled module does not deepcopy
+        unwrap(model).compile()
     state = _Training(model, optimizer, scheduler, scaler, ema)
 
     start, metrics = _resume(plan, runtime, state)
@@ -274,6 +275,26 @@ def _stop_early(plan: FitPlan, runtime: Runtime, epoch: int) -> bool:
             log.debug("%s: stopped early after epoch %d (no val_auc gain > %g in %d epochs)",
                      plan.name, epoch + 1, plan.min_delta, plan.patience)
     return bool(runtime.broadcast(stop))
+
+
+def for_device(model: torch.nn.Module, plan: FitPlan, runtime: Runtime) -> torch.nn.Module:
+    """The model as this runtime's device trains it fastest (before DDP wraps it).
+
+    - cuDNN benchmarks its kernels for the first batch's shapes: every step has the same ones.
+    - SyncBatchNorm with several CUDA workers: SimCLR's BatchNorm over one GPU's share of the
+      batch (16 pairs of 128 on 8 GPUs) lets positives be told apart by their batch statistics,
+      the shortcut SimCLR's authors closed with global BatchNorm. Torch implements it on GPUs
+      only; CPU workers keep per-worker statistics. Its state keys are BatchNorm's: checkpoints
+      load into the plain model.
+    - channels_last: the memory layout tensor cores and oneDNN convolve fastest.
+    """
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if plan.sync_batchnorm and runtime.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if plan.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _initial_model(plan: FitPlan) -> torch.nn.Module:

@@ -63,7 +63,11 @@ def _moved(value, device: torch.device):
         # Ray Data hands out read-only arrays; nothing writes into the tensor, but torch warns
         # about every one, so read-only ones are copied (a uint8 batch: cheap next to a step)
         value = torch.from_numpy(value if value.flags.writeable else value.copy())
-    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, torch.Tensor):
+        return value
+    if device.type == "cuda":  # from page-locked memory the copy runs beside the GPU's work, not before it
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
 
 
 def _model_input(value, channels_last: bool):
@@ -82,7 +86,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
     """One pass over ``batches``; returns loss (mean per image), images, images/s, lr, and
     data_wait_s: the time spent waiting for batches (a slow input pipeline shows here; the
     views made on the device by ``augment`` count as step time). ``after_step`` runs after
-    every optimizer step (an EMA of the weights)."""
+    every optimizer step (an EMA of the weights). Nothing in a step waits for the device: the
+    loss and the stats are summed where they are computed and read once, after the epoch."""
     model.train()
     total, seen, start, sums = 0.0, 0, time.perf_counter(), {}
     waited, ready, first_wait = 0.0, start, None
@@ -101,9 +106,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, opt
         scheduler.step()
         if after_step is not None:
             after_step()
-        total += float(loss.detach()) * n
+        total = total + loss.detach().float() * n  # on the device: reading it per step would wait for the GPU
         seen += n
         ready = time.perf_counter()
+    total = float(total)  # the epoch's one read of the device
     seconds = time.perf_counter() - start
     return {"loss": total / max(seen, 1), "images": seen, "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 2), "data_wait_s": round(waited, 3),

@@ -21,23 +21,37 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if p.ndim > 1:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                    p_norm, g_norm = torch.norm(p), torch.norm(grad)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * p_norm / g_norm, torch.ones_like(p_norm))
-                    grad = grad.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(grad)
-                p.add_(buf, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        """One step for a group, in a few multi-tensor (foreach) kernels instead of ~10 small
+        ones per parameter: a ResNet-50 has 161 parameters, so a Python loop over them issued
+        ~1,600 kernel launches a step."""
+        grads = [p.grad for p in params]
+        matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+        if matrices:
+            weights = [params[i] for i in matrices]
+            decayed = torch._foreach_add([grads[i] for i in matrices], weights, alpha=group["weight_decay"])
+            p_norm = torch.stack(torch._foreach_norm(weights))
+            g_norm = torch.stack(torch._foreach_norm(decayed))
+            trust = torch.where((p_norm > 0) & (g_norm > 0), group["trust_coefficient"] * p_norm / g_norm,
+                                torch.ones_like(p_norm))
+            torch._foreach_mul_(decayed, list(trust.unbind()))
+            for i, g in zip(matrices, decayed, strict=True):
+                grads[i] = g
+        buffers = [self._momentum_buffer(p) for p in params]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -64,3 +64,40 @@ def test_empty_batch_keeps_the_schema():
     rows = select_rows(shard_batch(), selection)
     out = to_model_inputs(rows, selection)
     assert out["image"].shape == (0, 3, 32, 32) and out["target"].shape == (0,)
+
+
+def _two_eyed_pool(root, patients: int, size: int = 8):
+    """A prepared set stored as prepare writes it: a patient's two eyes in neighbouring rows."""
+    import json
+
+    from drray.data.shards import ShardWriter
+
+    writer = ShardWriter(root / "shards", rows_per_shard=250, rows_per_group=125)
+    image = jpeg((90, 90, 90), size)
+    ids = [f"{p}_{eye}" for p in range(patients) for eye in ("left", "right")]
+    writer.write(pa.table({"image_id": ids, "image": [image] * len(ids), "grade": [None] * len(ids),
+                           "dme": [None] * len(ids), "patient_id": [i.split("_")[0] for i in ids],
+                           "source": ["eyepacs"] * len(ids), "split": ["train"] * len(ids), "path": ids,
+                           "orig_width": [size] * len(ids), "orig_height": [size] * len(ids),
+                           "fundus_cx": [0.0] * len(ids), "fundus_cy": [0.0] * len(ids), "fundus_r": [1.0] * len(ids)}))
+    (root / "manifest.json").write_text(json.dumps({"shards": writer.close(), "params": {"size": size}}))
+    return ids
+
+
+def test_a_pool_epoch_shuffles_rows_so_two_eyes_share_a_batch_only_by_chance(tmp_path, ray_session):
+    """Rows, not blocks: with the block order shuffled alone, nearly every patient's eyes shared
+    a batch (they are neighbours in the shards), each other's SimCLR negatives."""
+    from drray.distributed.datasets import Stream
+
+    patients, batch = 200, 20
+    ids = _two_eyed_pool(tmp_path, patients)
+    stream = Stream(Selection(str(tmp_path), SimCLRViews(AugmentSpec(size=8)), 8, split="train"), batch,
+                    epochs_per_pass=2)
+    batches = [list(b["image_id"]) for b in stream.build().iter_batches(batch_size=batch, batch_format="numpy")]
+    per_epoch = len(ids) // batch
+    epochs = [sum(batches[:per_epoch], []), sum(batches[per_epoch:], [])]
+    pairs = sum(len(b) - len({i.split("_")[0] for i in b}) for b in batches)  # patients seen twice in a batch
+    chance = 2 * patients * (batch - 1) / (len(ids) - 1)  # partner in the same batch, over both epochs
+    assert pairs <= chance + 4 * chance ** 0.5, (pairs, chance)  # blocks shuffled alone: ~2 x 200
+    assert [sorted(e) for e in epochs] == [sorted(ids)] * 2  # every image once an epoch
+    assert epochs[0] != epochs[1]  # each epoch its own order

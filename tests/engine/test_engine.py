@@ -53,6 +53,42 @@ def test_lars_trust_ratio_scales_the_step():
     assert torch.allclose(w, torch.full((4, 4), 2.0 - 0.02))
 
 
+def _lars_per_parameter(params, lr, momentum, weight_decay, trust_coefficient, buffers):
+    """LARS as the paper states it, one parameter at a time (the reference for the foreach one)."""
+    with torch.no_grad():
+        for p in params:
+            grad = p.grad
+            if p.ndim > 1:
+                grad = grad + weight_decay * p
+                p_norm, g_norm = p.norm(), grad.norm()
+                if p_norm > 0 and g_norm > 0:
+                    grad = grad * (trust_coefficient * p_norm / g_norm)
+            buf = buffers.setdefault(id(p), torch.zeros_like(p))
+            buf.mul_(momentum).add_(grad)
+            p.add_(buf, alpha=-lr)
+
+
+def test_lars_multi_tensor_step_equals_the_per_parameter_rule():
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (8,), (5, 8), (5,), (3, 3)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ours[-1].data.zero_()  # a zero weight: trust 1, as where |w| = 0
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = LARS(ours, lr=0.3, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001)
+    buffers = {}
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, reference, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours[1].grad = None if step == 2 else ours[1].grad  # a parameter without a gradient is left alone
+        if step == 2:
+            reference[1].grad = None
+        opt.step()
+        _lars_per_parameter([q for q in reference if q.grad is not None], 0.3, 0.9, 1e-4, 0.001, buffers)
+        for p, q in zip(ours, reference, strict=True):
+            assert torch.allclose(p, q, atol=1e-6), step
+
+
 def test_precision_choice():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
