@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Two test processes (pytest-xdist), each module in one of them (its fixtures made once): the
+# SLURM and Ray tests spend much of their time waiting (SLURM's timers, Ray's start-up), so two
+# halve much of that wait on 2 cores. `$(BIN)/pytest tests/x.py` runs one file in one process.
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadscope
 
 demo: install
 	$(BIN)/drray run pipeline --config configs/demo.yaml

@@ -10,7 +10,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Ray's token file, made once before any test process starts Ray: the first ray.init on a
+    machine writes ~/.ray/auth_token, and two test workers (make test runs two: pytest-xdist)
+    starting Ray at once would each write their own, the cluster of one then refusing the
+    other's token (InvalidAuthToken)."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made it
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            _get_default_token_path,
+            generate_and_save_token,
+        )
+    except ImportError:
+        return
+    if not _get_default_token_path().is_file():
+        generate_and_save_token()
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_modules_first(items)
     try:
         import torch
 
@@ -22,6 +41,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+def _longest_modules_first(items) -> None:
+    """Modules with SLURM tests, then with slow ones, then the rest, each module's tests kept
+    together (module fixtures are made once) and in their order. With two test workers the
+    SLURM module, which mostly waits on SLURM's timers, starts at once and overlaps the rest;
+    started last, it would run alone at the end."""
+    def rank(module_items) -> int:
+        marks = {m.name for item in module_items for m in item.iter_markers()}
+        return 0 if "slurm" in marks else 1 if "slow" in marks else 2
+
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    ordered = sorted(modules.values(), key=rank)  # stable: collection order within a rank
+    items[:] = [item for module_items in ordered for item in module_items]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -240,3 +241,54 @@ def test_inputs_of_every_kind_one_row_each(ray_session, tmp_path):
     assert counts["inputs"] == 5 == len(index) + len(rejects)  # every non-hidden file but the labels
     assert counts["rejected_by_reason"] == {"bad_split": 1, "unsupported_format": 1}
     assert counts["unlabeled"] == 1 and read_manifest(out)["id_from"] == "stem"
+
+
+def test_one_job_prepares_a_data_set_at_a_time(tmp_path, capsys):
+    """Jobs started together on one data set (a SLURM array's trials) take turns: the second
+    waits, saying for what, and then finds the first one's output (reused, not redone)."""
+    import threading
+    import time
+
+    from drray.distributed.prepare import preparation_lock
+
+    prepared = tmp_path / "prepared" / "eyepacs"
+    order = []
+
+    def second():
+        with preparation_lock(prepared, "eyepacs", notice_after_s=0.05):
+            order.append("second")
+
+    with preparation_lock(prepared, "eyepacs"):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.5)
+        order.append("first done")
+    waiting.join(timeout=10)
+    assert order == ["first done", "second"]
+    assert "waiting for another job preparing data.eyepacs into" in capsys.readouterr().err
+    assert sorted(p.name for p in prepared.parent.iterdir()) == [".eyepacs.lock"]  # nothing else made
+
+
+def test_a_job_waits_for_the_lock_before_looking_at_the_data(tmp_path):
+    import threading
+    import time
+
+    from drray.config import Config, DatasetConfig
+    from drray.distributed.prepare import ensure_prepared, preparation_lock
+
+    ds = DatasetConfig(images=str(tmp_path / "not-yet"), prepared=str(tmp_path / "prepared"))
+    outcome = []
+
+    def job():
+        try:
+            ensure_prepared("eyepacs", ds, Config())
+        except FileNotFoundError as exc:  # what it finds once it may look: no images
+            outcome.append(str(exc))
+
+    with preparation_lock(Path(ds.prepared), "eyepacs"):
+        started = threading.Thread(target=job)
+        started.start()
+        time.sleep(0.5)
+        assert started.is_alive() and not outcome  # waiting, not reading a folder being written
+    started.join(timeout=10)
+    assert outcome and "data.eyepacs.images" in outcome[0]

@@ -11,6 +11,7 @@ nothing never replaces a good prepared set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -47,7 +48,7 @@ from drray.data.sources import DME_SOURCES, InputItem, collect_inputs, printable
 from drray.data.splits import POSITIVE_NEEDS_DME, random_partition, read_partition
 from drray.data.synthetic import write_dataset
 from drray.distributed.runtime import ensure_ray
-from drray.progress import Progress
+from drray.progress import Progress, say
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -132,7 +133,33 @@ def params_from(cfg: Config) -> PrepareParams:
 
 
 def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
-    """Synthesise (if configured and missing) and prepare one data set; keep a current one."""
+    """Synthesise (if configured and missing) and prepare one data set; keep a current one.
+    One job at a time (a lock beside the prepared folder): jobs started together on one data set
+    (a SLURM array's trials, two runs of one config) would otherwise each see a half-written
+    folder as the other's, and prepare from images still being written."""
+    with preparation_lock(Path(ds.prepared), name):
+        return _ensure_prepared(name, ds, cfg)
+
+
+@contextlib.contextmanager
+def preparation_lock(prepared: Path, name: str, notice_after_s: float = 5.0):
+    """Hold the lock of one prepared folder (``.<name>.lock`` beside it); say so when waiting."""
+    from filelock import FileLock, Timeout
+
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(prepared.parent / f".{prepared.name}.lock"))
+    try:
+        lock.acquire(timeout=notice_after_s)
+    except Timeout:
+        say("prepare", f"waiting for another job preparing data.{name} into {prepared} (lock {lock.lock_file})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
     images = Path(ds.images)
     if not images.is_dir():
         if ds.synthetic is None:

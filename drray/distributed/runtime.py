@@ -31,16 +31,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    address = os.environ.get("RAY_ADDRESS") or None
+    # "local", not None: given None, ray.init joins whatever cluster `ray start` last started on
+    # this machine (another user's, another job's, a dead one's leftover address file)
+    address = os.environ.get("RAY_ADDRESS") or "local"
     # Worker and actor logs stay in Ray's log files (/tmp/ray/session_latest/logs) unless
     # DRRAY_RAY_LOGS=1: without the dashboard, Ray Train's placement-group cleaner warns every
     # second that the state API is unavailable. Errors still reach the driver as exceptions, and
     # training progress is shown from each stage's metrics.jsonl (see distributed.train).
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
               "log_to_driver": os.environ.get("DRRAY_RAY_LOGS") == "1"}
-    if address is None and num_cpus is not None:
+    if address == "local" and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
-    log.info("starting Ray (%s)", address or "local")
+    log.info("starting Ray (%s)", address)
     for name in RAY_NOTICES:
         keep_off_console(name)
     keep_off_console(*RAY_DATA_NO_CPU)

@@ -193,3 +193,16 @@ def test_a_resumed_epoch_trains_on_the_views_the_uninterrupted_run_made(tmp_path
     assert len(whole) == 3 * STEPS and len(resumed) == STEPS
     assert resumed == whole[2 * STEPS:]  # epoch 2's views, exactly
     assert whole[:STEPS] != whole[STEPS:2 * STEPS]  # and every epoch draws anew
+
+
+@pytest.mark.gpu
+def test_a_compiled_model_trains_on_cuda_and_saves_the_plain_models_keys(tmp_path):
+    """scaling.compile: the forward compiled in place, so checkpoints load into a plain model."""
+    from drray.engine.checkpoint import load_model
+
+    runtime = LocalRuntime({"train": labeled_stream(STEPS * 10), "val": labeled_stream(3, seed=99)},
+                           tmp_path / "checkpoints", device="cuda")
+    metrics = fit(plan_for(tmp_path, epochs=1, compile=True, channels_last=True, precision="bf16"), runtime)
+    assert np.isfinite(metrics["loss"])
+    model, _ = load_model(StageDir(tmp_path / "teacher-abc").model, torch.device("cpu"))  # strict keys
+    assert not any("_orig_mod" in k for k in model.state_dict())
