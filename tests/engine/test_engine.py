@@ -226,3 +226,50 @@ def test_early_stopping_rule_by_hand():
     assert not should_stop([], patience=1)
     with pytest.raises(ValueError, match="patience"):
         should_stop([0.5], patience=0)
+
+
+def test_batches_are_made_ahead_in_order_and_errors_reach_the_loop():
+    import itertools
+    import threading
+
+    from drray.engine.loop import ahead
+
+    made_in = set()
+
+    def make(x):
+        made_in.add(threading.current_thread().name)
+        return x * 10
+
+    assert list(ahead(range(7), make)) == [0, 10, 20, 30, 40, 50, 60]
+    assert made_in == {"drray-ahead"}  # not in the loop's thread
+    drawn = []
+    source = (drawn.append(i) or i for i in itertools.count())  # a stream shared by epochs
+    first = ahead(source, make, depth=2)
+    assert [next(first), next(first)] == [0, 10]
+    first.close()  # the epoch ends early (a failed step)
+    assert len(drawn) <= 2 + 2 + 1  # used, queued, and the one in hand: no more taken from the stream
+
+    def broken(x):
+        if x == 3:
+            raise ValueError("image 3 is broken")
+        return x
+
+    with pytest.raises(ValueError, match="image 3 is broken"):
+        list(ahead(range(5), broken))
+
+
+def test_the_next_batch_is_made_while_the_step_runs():
+    import threading
+
+    from drray.engine.loop import ahead
+
+    second_made = threading.Event()
+
+    def make(x):
+        if x == 1:
+            second_made.set()
+        return x
+
+    for x in ahead(range(3), make):
+        if x == 0:  # the step of batch 0: batch 1 is being made meanwhile, not after
+            assert second_made.wait(timeout=10)
