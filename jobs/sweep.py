@@ -65,13 +65,14 @@ def grid(cfg: Config) -> list[dict]:
     return trials
 
 
-def trial_config(base: Config, trial: dict) -> Config:
+def trial_config(base: Config, trial: dict, share: int = 1) -> Config:
     """The base config with the trial's labels, its own run dir and the sweep's stage cache."""
     labels = dataclasses.replace(base.labels, fraction=trial["fraction"], count=trial["count"], seed=trial["seed"])
     run = dataclasses.replace(base.run, dir=str(trial_dir(base, trial["name"])),
                               stages=str(stages_dir(base).resolve()))
-    # "auto" worker counts take one trial's share of the cluster, as check_sweep_fits counts them
-    return dataclasses.replace(base, labels=labels, run=run, share=base.sweep.concurrent_trials)
+    # ``share``: trials sharing the Ray cluster (Tune's concurrent ones; a SLURM array task has a
+    # cluster of its own): "auto" worker counts take one trial's part, as check_sweep_fits counts
+    return dataclasses.replace(base, labels=labels, run=run, share=share)
 
 
 def trial_dir(base: Config, name: str) -> Path:
@@ -135,17 +136,17 @@ def trial(config: dict, base: Config, cwd: str, experiment: str) -> dict:
     from ray import tune
 
     os.chdir(cwd)  # Tune starts trials in a directory of their own; the config's paths are relative to cwd
-    finished = run_trial(base, config["trial"], experiment,
+    finished = run_trial(base, config["trial"], experiment, share=base.sweep.concurrent_trials,
                          on_stage=lambda name, status: tune.report({"stage": name, "status": status}))
     return {"stage": "trial", "status": "finished", "seconds": finished["seconds"]}
 
 
-def run_trial(base: Config, spec: dict, experiment: str, on_stage=None) -> dict:
+def run_trial(base: Config, spec: dict, experiment: str, on_stage=None, share: int = 1) -> dict:
     """The pipeline at the trial's labels; its progress goes to trial.log. A trial that already
     finished for this experiment (its trial.json says so) returns at once: Tune saves its own
     state every ~10 s, so a sweep killed just after a trial ended would otherwise run that trial
     again (and a SLURM array task may be requeued after it finished)."""
-    cfg = trial_config(base, spec)
+    cfg = trial_config(base, spec, share)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     finished = finished_trial(out, experiment)

@@ -94,8 +94,9 @@ def test_auto_workers_take_one_trials_share_of_the_gpus():
     eight_gpus = ClusterShape(64, 8, 1)
     assert sweep.trial_demand(cfg, eight_gpus.share(2)).gpus == 4  # 4 workers, 4 actors per trial
     sweep.check_sweep_fits(cfg, eight_gpus)  # two trials of 4 GPUs fit 8
-    trial = sweep.trial_config(cfg, sweep.grid(cfg)[0])
+    trial = sweep.trial_config(cfg, sweep.grid(cfg)[0], share=2)  # as a Tune trial gets it
     assert trial.share == 2 and trial.distill.scaling.num_workers == "auto"  # resolved in the trial, from its share
+    assert sweep.trial_config(cfg, sweep.grid(cfg)[0]).share == 1  # a SLURM array task: a cluster of its own
 
 
 def cpus(n: float) -> ClusterShape:
