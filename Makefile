@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # SLURM and Ray tests spend much of their time waiting (SLURM's timers, Ray's start-up), so two
 # halve much of that wait on 2 cores. `$(BIN)/pytest tests/x.py` runs one file in one process.
 test: install
-	$(BIN)/pytest -n 2 --dist loadscope
+	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 demo: install
 	$(BIN)/drray run pipeline --config configs/demo.yaml
