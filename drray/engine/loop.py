@@ -61,15 +61,25 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False,
 
 
 def _moved(value, device: torch.device):
+    cuda = device.type == "cuda"
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
-        # Ray Data hands out read-only arrays; nothing writes into the tensor, but torch warns
-        # about every one, so read-only ones are copied (a uint8 batch: cheap next to a step)
-        value = torch.from_numpy(value if value.flags.writeable else value.copy())
+        value = _host_tensor(value, pinned=cuda)
     if not isinstance(value, torch.Tensor):
         return value
-    if device.type == "cuda":  # from page-locked memory the copy runs beside the GPU's work, not before it
-        value = value.pin_memory()
+    if cuda and value.device.type == "cpu" and not value.is_pinned():
+        value = value.pin_memory()  # from page-locked memory the copy runs beside the GPU's work, not before it
     return value.to(device, non_blocking=True)
+
+
+def _host_tensor(array: np.ndarray, pinned: bool) -> torch.Tensor:
+    """A numpy batch as a CPU tensor: copied once, into page-locked memory for a GPU. Ray Data
+    hands out read-only arrays; nothing writes into the tensor, but torch warns about every
+    one, so a read-only one is copied (a uint8 batch: cheap next to a step)."""
+    if pinned:
+        out = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, pin_memory=True)
+        out.numpy()[...] = array
+        return out
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _model_input(value, channels_last: bool):

@@ -273,3 +273,15 @@ def test_the_next_batch_is_made_while_the_step_runs():
     for x in ahead(range(3), make):
         if x == 0:  # the step of batch 0: batch 1 is being made meanwhile, not after
             assert second_made.wait(timeout=10)
+
+
+@pytest.mark.gpu
+def test_batches_reach_cuda_from_read_only_arrays_and_from_the_device():
+    from drray.engine.loop import to_device
+
+    images = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    images.flags.writeable = False  # as Ray Data hands them out
+    cuda = torch.device("cuda")
+    moved = to_device({"image": images, "on_device": torch.ones(2, 3, 4, 4, device=cuda)}, cuda)
+    assert moved["image"].device.type == "cuda" and moved["on_device"].device.type == "cuda"
+    assert torch.equal(moved["image"].cpu(), to_device({"image": images}, torch.device("cpu"))["image"])
