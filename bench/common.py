@@ -77,13 +77,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or add) the section '## name' of bench/RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else (
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or add) the section '## name' of ``path`` (bench/RESULTS.md); the rest of the
+    file is kept as it is."""
+    text = path.read_text() if path.exists() else (
         "# Benchmark results\n\nWritten by the scripts in bench/ (`make bench`); each figure is a ratio "
         "against a plain baseline measured in the same run on the same machine.\n"
     )
     section = f"## {name}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text)
