@@ -260,9 +260,10 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class SemiSupervisedConfig:
-    """What the FixMatch and MixMatch baselines share: a classifier trained from scratch (or
-    ImageNet) on the labeled subset plus the whole train split as unlabeled data (the labeled
-    images included, as both papers do), evaluated with an EMA of its weights."""
+    """What the FixMatch and MixMatch baselines share: a classifier (from scratch, ImageNet or
+    the run's SimCLR backbone: ``init``) trained on the labeled subset plus the whole train
+    split as unlabeled data (the labeled images included, as both papers do), evaluated with an
+    EMA of its weights."""
 
     backbone: str = "resnet50"  # Table 1: ResNet50 for both
     # Where the backbone starts: "random", "imagenet" (`weights`, a local file: how the authors

@@ -37,6 +37,10 @@ def _check_backbone(cfg: Config, name: str, section, files: bool) -> None:
     if section.backbone not in BACKBONE_NAMES:
         raise ConfigError(f"{_where(cfg, name + '.backbone')}: key '{name}.backbone': unknown backbone {section.backbone!r} "
                           f"(choose one of: {', '.join(BACKBONE_NAMES)})")
+    if section.init == "pretrained" and section.backbone != cfg.pretrain.backbone:  # FixMatch / MixMatch
+        raise ConfigError(f"{_where(cfg, name + '.backbone')}: key '{name}.backbone' is {section.backbone!r}, but "
+                          f"{name}.init is pretrained: it starts from the pretraining's {cfg.pretrain.backbone!r} "
+                          f"backbone; set {name}.backbone={cfg.pretrain.backbone} or {name}.init=random")
     if files and section.init == "imagenet" and not (section.weights and Path(section.weights).is_file()):
         what = "is not set" if not section.weights else f"{section.weights!r} is not a file"
         raise ConfigError(f"{_where(cfg, name + '.weights')}: key '{name}.weights' {what}, but {name}.init is imagenet: give "

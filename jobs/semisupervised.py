@@ -1,8 +1,8 @@
 """Table 1's semi-supervised baselines, ``drray run fixmatch`` and ``drray run mixmatch``: a
-classifier trained from scratch (or ImageNet) on the same labeled subset as the teacher plus the
-whole train split as unlabeled data, on the same engine and Ray Train layer as every stage
-(distributed, checkpointed, resumable). Validated, kept as best and published: the EMA of the
-weights.
+classifier started from scratch, ImageNet or the run's SimCLR backbone (``init``), trained on the
+same labeled subset as the teacher plus the whole train split as unlabeled data, on the same
+engine and Ray Train layer as every stage (distributed, checkpointed, resumable). Validated,
+kept as best and published: the EMA of the weights.
 
 One step = a batch of B labeled images (weak view: flip + translate) and mu x B unlabeled ones
 (FixMatch: a weak and a strong view each; MixMatch: K weak views each: the method's
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 
-from drray.artifacts import atomic_write_json
+from drray.artifacts import StageDir, atomic_write_json
 from drray.config import Config, FixMatchConfig, MixMatchConfig, SemiSupervisedConfig
 from drray.distributed.datasets import Selection, Stream
+from drray.engine.checkpoint import read_meta
 from drray.engine.model import ModelSpec
 from drray.methods import FixMatch, MixMatch
 from drray.progress import say
-from jobs import common
+from jobs import common, stages
 
 
 def method_of(section: SemiSupervisedConfig, n_pool: int) -> FixMatch | MixMatch:
@@ -28,6 +29,26 @@ def method_of(section: SemiSupervisedConfig, n_pool: int) -> FixMatch | MixMatch
         return FixMatch.from_config(section)
     assert isinstance(section, MixMatchConfig), section
     return MixMatch.from_config(section, common.steps_per_epoch(n_pool // section.mu, section.batch_size))
+
+
+def initial_model(cfg: Config, r: stages.Resolved) -> tuple[ModelSpec, str | None]:
+    """The baseline's model, and the checkpoint folder whose backbone starts it: with init
+    ``pretrained`` the pretraining stage's model (the SimCLR backbone the teacher starts from),
+    else None (random or ImageNet weights, ``init`` and ``weights``)."""
+    section: SemiSupervisedConfig = r.stage.config(cfg)
+    name, size = r.stage.name, cfg.data.size
+    if section.init != "pretrained":
+        return ModelSpec("classifier", section.backbone, size, section.init, section.weights,
+                         dropout=section.dropout), None
+    model = StageDir(r.upstream["pretrain"]).model
+    if not (model / "model.pt").is_file():
+        raise FileNotFoundError(f"{name}.init=pretrained: no pretrained model at {model}; run "
+                                f"`drray run pretrain` with the same config first")
+    pretrained = ModelSpec.from_dict(read_meta(model)["spec"]).backbone
+    if pretrained != section.backbone:
+        raise ValueError(f"{name}.init=pretrained starts from the pretraining's {pretrained} backbone, but "
+                         f"{name}.backbone is {section.backbone}: set {name}.backbone={pretrained}")
+    return ModelSpec("classifier", section.backbone, size, dropout=section.dropout), str(model)
 
 
 def run(cfg: Config, name: str) -> dict:
@@ -45,9 +66,9 @@ def run(cfg: Config, name: str) -> dict:
     atomic_write_json(r.dir.subset_file, subset.record())
     size = cfg.data.size
     method = method_of(section, len(pool))
+    spec, start = initial_model(cfg, r)
     plan = common.fit_plan(
-        cfg, r, method=method, n_rows=len(pool) // section.mu,
-        spec=ModelSpec("classifier", section.backbone, size, section.init, section.weights, dropout=section.dropout),
+        cfg, r, method=method, n_rows=len(pool) // section.mu, spec=spec, init_backbone=start,
         validate=bool(subset.validation), ema_decay=section.ema_decay,
         unlabeled_batch=common.per_worker_batch(unlabeled_global, section.scaling, name),
     )
@@ -58,10 +79,10 @@ def run(cfg: Config, name: str) -> dict:
     prepared = cfg.data.eyepacs.prepared
     datasets = {
         "train": Stream(Selection(prepared, method.train_views, size, split="train", targets=subset.labeled),
-                               plan.batch_size, full_shuffle=True, epochs_per_pass=copies),
+                               plan.batch_size, epochs_per_pass=copies),
         "unlabeled": Stream(Selection(prepared, method.unlabeled_views, size, split="train"),
                                    plan.unlabeled_batch, epochs_per_pass=plan.epochs_per_pass),
-        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256),
+        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256, shuffle=False),
     }
     return common.fit(cfg, r, plan, datasets)
 

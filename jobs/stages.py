@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drray.artifacts import StageDir
-from drray.config import Config, FinetuneConfig, stages_dir, to_dict
+from drray.config import Config, FinetuneConfig, SemiSupervisedConfig, stages_dir, to_dict
 
 # finetune.start_from values that name a stage (anything else is a checkpoint directory)
 START_FROM = {"pretrain": "pretrain", "distill": "distill"}
@@ -130,11 +130,15 @@ class Resolved:
 
 def upstream_of(cfg: Config, s: Stage) -> tuple[str, ...]:
     """The stages ``s`` reads for this config: a fine-tuning starts from what its start_from
-    names (a stage, a checkpoint folder, or nothing); distillation reads a pseudo-label file of
-    the user's instead of the pseudolabel stage when distill.pseudolabels names one."""
+    names (a stage, a checkpoint folder, or nothing); a semi-supervised baseline with init
+    ``pretrained`` starts from the pretraining's backbone, as the teacher does; distillation
+    reads a pseudo-label file of the user's instead of the pseudolabel stage when
+    distill.pseudolabels names one."""
     section = s.config(cfg)
     if isinstance(section, FinetuneConfig):
         return (START_FROM[section.start_from],) if section.start_from in START_FROM else ()
+    if isinstance(section, SemiSupervisedConfig):
+        return ("pretrain",) if section.init == "pretrained" else ()
     if s.name == "distill" and cfg.distill.pseudolabels:
         return ()
     return s.upstream
@@ -167,6 +171,10 @@ def resolve(cfg: Config, manifest: dict) -> dict[str, Resolved]:
 # Settings that change what a stage logs, not what it computes: left out of its key, so turning
 # them on reuses a finished stage (and adding one to a section keeps every earlier key).
 UNKEYED = frozenset({"monitor_every"})
+# Scaling settings added after stages were first keyed, and their defaults: at the default they
+# are left out of the key, so run directories made before them keep their finished stages (a
+# stage's hours of GPU time are not spent again because drray learnt a new option).
+KEYED_UNLESS_DEFAULT = {"sync_batchnorm": True, "compile": False}
 
 
 def _section_part(cfg: Config, s: Stage):
@@ -174,7 +182,11 @@ def _section_part(cfg: Config, s: Stage):
     if section is None:
         return None
     if s.key_fields is None:
-        return {k: v for k, v in to_dict(section).items() if k not in UNKEYED}
+        part = {k: v for k, v in to_dict(section).items() if k not in UNKEYED}
+        if isinstance(part.get("scaling"), dict):
+            part["scaling"] = {k: v for k, v in part["scaling"].items()
+                               if not (k in KEYED_UNLESS_DEFAULT and v == KEYED_UNLESS_DEFAULT[k])}
+        return part
     return {f: getattr(section, f) for f in s.key_fields}
 
 

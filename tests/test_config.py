@@ -201,6 +201,10 @@ def test_unknown_backbones_and_missing_weights_fail_before_any_work(tmp_path):
     weights.write_bytes(b"")
     check("distill.init=imagenet", f"distill.weights={weights}")
     check("finetune.start_from=none", "finetune.backbone=resnet18")
+    with pytest.raises(ConfigError, match=r"'fixmatch.backbone' is 'resnet50', but fixmatch.init is pretrained: it "
+                                          r"starts from the pretraining's 'resnet18' backbone"):
+        check("fixmatch.init=pretrained", "fixmatch.backbone=resnet50")
+    check("mixmatch.init=pretrained", "mixmatch.backbone=resnet18")
     for name in ("ci", "demo", "sweep-ci", "paper"):
         check_settings(load_config(REPO / "configs" / f"{name}.yaml"), files=name != "paper")
 

@@ -92,3 +92,48 @@ def test_a_short_run_is_warned_that_its_ema_is_mostly_the_initial_weights(capsys
     assert "still holds 76% of the initial weights" in err and "lower fixmatch.ema_decay (e.g. 0.989)" in err
     _warn_if_ema_is_mostly_initial("fixmatch", 0.99, 280)  # 6% left: no warning
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "mixmatch"])
+def test_a_baseline_with_init_pretrained_starts_from_the_pretrainings_backbone(name, tmp_path, monkeypatch):
+    """The job's own path to the fit loop (jobs.semisupervised.run, Ray and the data stubbed out):
+    the model the loop starts with holds the pretraining's backbone, and its own fresh head."""
+    import dataclasses
+
+    from drray.config import load_config
+    from drray.engine import fit as fit_loop
+    from drray.engine.checkpoint import save_checkpoint
+    from drray.engine.model import ModelSpec
+    from jobs import common, semisupervised, stages
+
+    cfg = load_config(CI, [f"run.dir={tmp_path / 'run'}", f"{name}.init=pretrained"])
+    resolved = stages.resolve(cfg, {"content_hash": "c0ffee"})
+    pretrain, r = resolved["pretrain"], resolved[name]
+    simclr = ModelSpec("simclr", cfg.pretrain.backbone, cfg.data.size, proj_hidden=16, proj_out=8)
+    torch.manual_seed(0)
+    pretrained = simclr.build()
+    pretrained.backbone.layer1[0].bn1.running_mean.normal_()  # trained statistics, not a fresh model's zeros
+    save_checkpoint(pretrain.dir.model, model=pretrained, spec=simclr, epoch=1, metrics={})
+    pool = [f"{i}_left" for i in range(200)]
+    plans = []
+    monkeypatch.setattr(common, "resolved", lambda cfg, stage: ({}, r))
+    monkeypatch.setattr(common, "pool_ids", lambda cfg: pool)
+    monkeypatch.setattr(common, "labeled_subset", lambda cfg: common.LabeledSubset(
+        dict.fromkeys(pool[:16], 0.0), dict.fromkeys(pool[16:24], 1.0), 200))
+    monkeypatch.setattr(common, "fit", lambda cfg, r, plan, datasets: plans.append(plan) or {})
+    semisupervised.run(cfg, name)
+    (plan,) = plans
+    assert plan.init_backbone == str(pretrain.dir.model) and plan.init_model is None
+    torch.manual_seed(1)  # a head (and a backbone, were it not loaded) other than the pretraining's draw
+    start = fit_loop._initial_model(plan)
+    expected = pretrained.backbone.state_dict()
+    assert start.backbone.state_dict().keys() == expected.keys()
+    for key in ("conv1.weight", "layer4.1.conv2.weight", "layer1.0.bn1.running_mean"):
+        assert torch.equal(start.backbone.state_dict()[key], expected[key]), key
+
+    random_start = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), init="random")})
+    spec, checkpoint = semisupervised.initial_model(random_start, stages.resolve(random_start, {"content_hash": "c0ffee"})[name])
+    assert checkpoint is None and spec.init == "random"
+    other = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), backbone="resnet50")})
+    with pytest.raises(ValueError, match=f"set {name}.backbone=resnet18"):
+        semisupervised.initial_model(other, stages.resolve(other, {"content_hash": "c0ffee"})[name])

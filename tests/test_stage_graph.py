@@ -56,6 +56,7 @@ def test_keys_follow_what_each_stage_depends_on(cfg):
     pretrain = keys(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, temperature=0.2)))
     assert pretrain["teacher"] != base["teacher"] and pretrain["student"] != base["student"]  # downstream of it
     assert pretrain["supervised"] == base["supervised"]  # starts from nothing
+    assert pretrain["fixmatch"] == base["fixmatch"] and pretrain["mixmatch"] == base["mixmatch"]  # init random
     student = keys(dataclasses.replace(cfg, student_finetune=dataclasses.replace(cfg.student_finetune, epochs=9)))
     assert {s for s in base if student[s] != base[s]} == {"student"}
     data = {name: r.key for name, r in stages.resolve(cfg, {"content_hash": "other"}).items()}
@@ -63,6 +64,19 @@ def test_keys_follow_what_each_stage_depends_on(cfg):
     # inference settings that cannot change a pseudo-label leave the pseudolabel stage (and all after) alone
     inference = keys(dataclasses.replace(cfg, pseudolabel=dataclasses.replace(cfg.pseudolabel, batch_size=7)))
     assert inference == base
+
+
+def test_scaling_settings_added_later_keep_earlier_keys_at_their_defaults(cfg):
+    """A run directory made before sync_batchnorm and compile existed keeps its finished stages;
+    turning one of them away from its default is a new stage."""
+    from drray.config import to_dict
+
+    base = keys(cfg)
+    before = {k: v for k, v in to_dict(cfg.pretrain.scaling).items() if k not in ("sync_batchnorm", "compile")}
+    assert stages._section_part(cfg, stages.STAGES["pretrain"])["scaling"] == before
+    compiled = dataclasses.replace(cfg.pretrain.scaling, compile=True)
+    changed = keys(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, scaling=compiled)))
+    assert changed["pretrain"] != base["pretrain"]
 
 
 def test_what_a_stage_reads_follows_the_config(cfg, tmp_path):
@@ -89,3 +103,26 @@ def test_a_stage_whose_input_was_replaced_is_redone_not_trusted(cfg):
     (pretrain.dir.model / "model.pt").write_bytes(b"weights v2")  # the pretraining was replaced
     assert common.finished(cfg, teacher) is None
     assert not teacher.dir.path.exists()  # what it made from the old input is gone; it runs again
+
+
+def test_a_baseline_started_from_the_pretraining_depends_on_it(cfg):
+    """fixmatch/mixmatch.init=pretrained: the pretraining is their upstream, as it is the teacher's
+    (its key in theirs, its model's hash in their done.json)."""
+    started = dataclasses.replace(cfg, fixmatch=dataclasses.replace(cfg.fixmatch, init="pretrained"),
+                                  mixmatch=dataclasses.replace(cfg.mixmatch, init="pretrained"))
+    resolved = stages.resolve(started, MANIFEST)
+    pretrain = resolved["pretrain"]
+    for name in ("fixmatch", "mixmatch"):
+        assert resolved[name].upstream == {"pretrain": pretrain.dir.path}
+        assert list(resolved).index("pretrain") < list(resolved).index(name)
+    changed = keys(dataclasses.replace(started, pretrain=dataclasses.replace(started.pretrain, temperature=0.2)))
+    assert changed["fixmatch"] != resolved["fixmatch"].key and changed["mixmatch"] != resolved["mixmatch"].key
+    assert keys(started)["fixmatch"] != keys(cfg)["fixmatch"]  # the start is part of the key
+    pretrain.dir.model.mkdir(parents=True)
+    (pretrain.dir.model / "model.pt").write_bytes(b"weights v1")
+    fixmatch = resolved["fixmatch"]
+    fixmatch.dir.path.mkdir(parents=True)
+    common.finish_stage(started, fixmatch, {"metrics": {"epoch": 1}})
+    assert common.finished(started, fixmatch)["skipped"] is True
+    (pretrain.dir.model / "model.pt").write_bytes(b"weights v2")  # the pretraining was replaced
+    assert common.finished(started, fixmatch) is None
