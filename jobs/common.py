@@ -6,6 +6,7 @@ Where a stage's output lives, and what its key is made of, is the stage graph's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -175,17 +176,20 @@ def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, n_rows // global_batch)
 
 
-def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, **extra) -> FitPlan:
+def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, scaling: ScalingConfig | None = None,
+             **extra) -> FitPlan:
     """A stage's FitPlan from its config section (epochs, batch_size, optim, scaling,
-    checkpoint_every): what every training stage sets the same way."""
+    checkpoint_every): what every training stage sets the same way. ``scaling``: the stage's,
+    already resolved (:func:`stage_scaling`), when the job needed it before."""
     section = r.stage.config(cfg)
-    scaling = stage_scaling(cfg, r)
+    scaling = scaling or stage_scaling(cfg, r)
     batch = batch_for(section.batch_size, n_rows, scaling.num_workers, r.stage.name)
     return FitPlan(
         name=r.stage.name, out_dir=str(r.dir.path), spec=spec, method=method, epochs=section.epochs,
         batch_size=per_worker_batch(batch, scaling, r.stage.section),
         steps_per_epoch=steps_per_epoch(n_rows, batch), optim=section.optim,
-        precision=scaling.precision, channels_last=scaling.channels_last, sync_batchnorm=scaling.sync_batchnorm,
+        num_workers=scaling.num_workers, precision=scaling.precision, channels_last=scaling.channels_last,
+        sync_batchnorm=scaling.sync_batchnorm,
         compile=scaling.compile, checkpoint_every=section.checkpoint_every,
         seed=stages.training_seed(cfg, r.stage.name), epochs_per_pass=epochs_per_pass(section.epochs, n_rows),
         **extra,
@@ -202,21 +206,25 @@ def stage_scaling(cfg: Config, r: stages.Resolved) -> ScalingConfig:
 
 
 def fit(cfg: Config, r: stages.Resolved, plan: FitPlan, streams: dict) -> dict:
-    """Train the stage on Ray Train, then mark it complete."""
+    """Train the stage on Ray Train, then mark it complete (as many workers as its plan was
+    made for: "auto" is resolved once, in fit_plan)."""
     section = r.stage.config(cfg)
-    scaling = stage_scaling(cfg, r)
+    scaling = dataclasses.replace(section.scaling, num_workers=plan.num_workers)
     metrics = fit_stage(plan, streams, scaling, storage(cfg), keep_checkpoints=section.keep_checkpoints,
                         max_failures=cfg.run.max_failures)
-    finish_stage(cfg, r, {"metrics": metrics, "run": plan_record(plan), "num_workers": scaling.num_workers})
+    finish_stage(cfg, r, {"metrics": metrics, "run": plan_record(plan)})
     return {"stage": r.stage.name, "dir": str(r.dir.path), "metrics": metrics}
 
 
 def epochs_per_pass(epochs: int, n_rows: int) -> int:
     """Epochs streamed by one pass of a stage's pipeline: EPOCHS_PER_PASS, or more for a small
-    labeled subset (each pass costs seconds to start; its epochs cost little)."""
-    from drray.distributed.datasets import EPOCHS_PER_PASS, MIN_ROWS_PER_PASS
+    labeled subset (each pass costs seconds to start; its epochs cost little), fewer for a large
+    pool (a pass's shuffled epochs wait in the object store: MAX_ROWS_PER_PASS)."""
+    from drray.distributed.datasets import EPOCHS_PER_PASS, MAX_ROWS_PER_PASS, MIN_ROWS_PER_PASS
 
-    return max(1, min(epochs, max(EPOCHS_PER_PASS, -(-MIN_ROWS_PER_PASS // max(n_rows, 1)))))
+    rows = max(n_rows, 1)
+    wanted = max(EPOCHS_PER_PASS, -(-MIN_ROWS_PER_PASS // rows))
+    return max(1, min(epochs, wanted, MAX_ROWS_PER_PASS // rows))
 
 
 def batch_for(global_batch: int, n_rows: int, workers: int, name: str) -> int:

@@ -67,10 +67,11 @@ def run(cfg: Config, name: str) -> dict:
     size = cfg.data.size
     method = method_of(section, len(pool))
     spec, start = initial_model(cfg, r)
+    scaling = common.stage_scaling(cfg, r)
     plan = common.fit_plan(
-        cfg, r, method=method, n_rows=len(pool) // section.mu, spec=spec, init_backbone=start,
+        cfg, r, method=method, n_rows=len(pool) // section.mu, spec=spec, init_backbone=start, scaling=scaling,
         validate=bool(subset.validation), ema_decay=section.ema_decay,
-        unlabeled_batch=common.per_worker_batch(unlabeled_global, section.scaling, name),
+        unlabeled_batch=common.per_worker_batch(unlabeled_global, scaling, name),
     )
     _warn_if_ema_is_mostly_initial(name, section.ema_decay, plan.steps_per_epoch * plan.epochs)
     # enough copies of the labeled subset for every step of a pass to take B labeled images

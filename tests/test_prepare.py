@@ -269,26 +269,47 @@ def test_one_job_prepares_a_data_set_at_a_time(tmp_path, capsys):
     assert sorted(p.name for p in prepared.parent.iterdir()) == [".eyepacs.lock"]  # nothing else made
 
 
-def test_a_job_waits_for_the_lock_before_looking_at_the_data(tmp_path):
+def test_a_job_waits_for_the_lock_before_looking_at_the_data(tmp_path, monkeypatch):
     import threading
     import time
 
+    import drray.distributed.prepare as dp
     from drray.config import Config, DatasetConfig
-    from drray.distributed.prepare import ensure_prepared, preparation_lock
 
-    ds = DatasetConfig(images=str(tmp_path / "not-yet"), prepared=str(tmp_path / "prepared"))
-    outcome = []
-
-    def job():
-        try:
-            ensure_prepared("eyepacs", ds, Config())
-        except FileNotFoundError as exc:  # what it finds once it may look: no images
-            outcome.append(str(exc))
-
-    with preparation_lock(Path(ds.prepared), "eyepacs"):
-        started = threading.Thread(target=job)
-        started.start()
+    ds = DatasetConfig(images=str(tmp_path), prepared=str(tmp_path / "prepared"))
+    looked = []
+    monkeypatch.setattr(dp, "_ensure_prepared", lambda name, ds, cfg: looked.append(name) or {})
+    with dp.preparation_lock(Path(ds.prepared), "eyepacs"):
+        job = threading.Thread(target=dp.ensure_prepared, args=("eyepacs", ds, Config()))
+        job.start()
         time.sleep(0.5)
-        assert started.is_alive() and not outcome  # waiting, not reading a folder being written
-    started.join(timeout=10)
-    assert outcome and "data.eyepacs.images" in outcome[0]
+        assert job.is_alive() and not looked  # waiting, not reading a folder being written
+    job.join(timeout=10)
+    assert looked == ["eyepacs"]
+
+
+def test_missing_images_are_named_before_anything_is_created(tmp_path):
+    from drray.config import Config, DatasetConfig
+    from drray.distributed.prepare import ensure_prepared
+
+    ds = DatasetConfig(images=str(tmp_path / "nowhere"), prepared=str(tmp_path / "out" / "prepared"))
+    with pytest.raises(FileNotFoundError, match="data.eyepacs.images: folder .*nowhere not found"):
+        ensure_prepared("eyepacs", ds, Config())
+    assert not (tmp_path / "out").exists()  # no lock, no folder for a typo
+
+
+def test_a_read_only_prepared_location_needs_no_lock(tmp_path, monkeypatch):
+    """A prepared set on a read-only share (CI runs as root, who writes anywhere: the refusal
+    is made by the lock itself)."""
+    import filelock
+
+    from drray.distributed.prepare import preparation_lock
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    entered = []
+    with preparation_lock(tmp_path / "share" / "eyepacs", "eyepacs"):
+        entered.append(True)
+    assert entered

@@ -70,6 +70,10 @@ def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarr
 
 EPOCHS_PER_PASS = 10  # epochs streamed by one execution of a stage's pipeline (see repeat)
 MIN_ROWS_PER_PASS = 2000  # ... or more epochs, for a small selection (a labeled subset)
+# ... and at most this many rows: Ray Data shuffles every epoch of a pass as soon as the pass
+# starts (its inputs are ready) and keeps the shuffled copies in the object store until they are
+# read; ten epochs of the paper's 57k EyePACS JPEGs (~30 KB) would be ~17 GB, spilled to disk.
+MAX_ROWS_PER_PASS = 50_000
 
 
 def repeat(ds, times: int):

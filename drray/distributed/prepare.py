@@ -137,6 +137,11 @@ def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
     One job at a time (a lock beside the prepared folder): jobs started together on one data set
     (a SLURM array's trials, two runs of one config) would otherwise each see a half-written
     folder as the other's, and prepare from images still being written."""
+    if not Path(ds.images).is_dir() and ds.synthetic is None:  # before the lock: a typo creates nothing
+        raise FileNotFoundError(
+            f"data.{name}.images: folder {ds.images} not found. Point it at your {ds.source} images "
+            f"(--set data.{name}.images=PATH) or add a data.{name}.synthetic section to generate data."
+        )
     with preparation_lock(Path(ds.prepared), name):
         return _ensure_prepared(name, ds, cfg)
 
@@ -146,10 +151,14 @@ def preparation_lock(prepared: Path, name: str, notice_after_s: float = 5.0):
     """Hold the lock of one prepared folder (``.<name>.lock`` beside it); say so when waiting."""
     from filelock import FileLock, Timeout
 
-    prepared.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(prepared.parent / f".{prepared.name}.lock"))
     try:
+        prepared.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=notice_after_s)
+    except PermissionError:  # a prepared set on a read-only share: nobody writes it, nothing to order
+        log.info("no lock for %s (its folder is not writable): preparing without one", prepared)
+        yield
+        return
     except Timeout:
         say("prepare", f"waiting for another job preparing data.{name} into {prepared} (lock {lock.lock_file})")
         lock.acquire()
@@ -161,12 +170,7 @@ def preparation_lock(prepared: Path, name: str, notice_after_s: float = 5.0):
 
 def _ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
     images = Path(ds.images)
-    if not images.is_dir():
-        if ds.synthetic is None:
-            raise FileNotFoundError(
-                f"data.{name}.images: folder {images} not found. Point it at your {ds.source} images "
-                f"(--set data.{name}.images=PATH) or add a data.{name}.synthetic section to generate data."
-            )
+    if not images.is_dir():  # a synthetic set (checked in ensure_prepared)
         write_dataset(images, ds.synthetic)
     manifest = prepare_source(
         source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),

@@ -136,6 +136,9 @@ def _fit_on_ray_train(plan: FitPlan, streams: dict[str, Stream], scaling: Scalin
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            # CPU workers one per node where the nodes allow (each uses its CPUs as torch
+            # threads; drray.distributed.scaling counts them so); GPU workers packed (NCCL)
+            placement_strategy="PACK" if scaling.use_gpu else "SPREAD",
         ),
         run_config=ray.train.RunConfig(
             name=checkpoints.name, storage_path=str(checkpoints.parent),

@@ -61,6 +61,7 @@ class FitPlan:
     batch_size: int  # per worker, of the "train" stream
     steps_per_epoch: int
     optim: OptimConfig
+    num_workers: int = 1  # the workers the batch is split over (its "auto" resolved)
     precision: str = "auto"
     channels_last: bool = False
     init_backbone: str | None = None  # checkpoint dir whose backbone starts this model

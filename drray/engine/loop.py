@@ -91,7 +91,7 @@ def _model_input(value, channels_last: bool):
     return value
 
 
-def ahead(items: Iterable, make: Callable, depth: int = 2) -> Iterator:
+def ahead(items: Iterable, make: Callable, depth: int = 1) -> Iterator:
     """``make(item)`` for every item, in order, computed up to ``depth`` items ahead in a thread
     while the caller works on the current one. Views made on the device in the training thread
     left a CPU core idle between steps (the demo's pretraining: 221 s -> 259 s when they moved
@@ -99,7 +99,9 @@ def ahead(items: Iterable, make: Callable, depth: int = 2) -> Iterator:
     step runs. Torch's ops release the GIL, so the two threads run side by side. The items are
     drawn in order by one thread (a seeded view generator gives the views it gave before); an
     error in ``make`` or in the items is raised in the caller; a caller that stops early stops
-    the thread, having taken no item beyond ``depth`` ahead of what it used."""
+    the thread, having taken no item beyond ``depth`` ahead of what it used. At most
+    ``depth`` + 2 made items exist at once (the caller's, the queued ones, the one being made):
+    views of a 299 px FixMatch batch are ~1 GB on a GPU, so one is queued by default."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -123,17 +125,21 @@ def ahead(items: Iterable, make: Callable, depth: int = 2) -> Iterator:
 
     worker = threading.Thread(target=fill, name="drray-ahead", daemon=True)
     worker.start()
+    finished = False
     try:
         while True:
             more, value = slots.get()
             if not more:
+                finished = True
                 if value is not None:
                     raise value
                 return
             yield value
     finally:
         stop.set()
-        worker.join()
+        # after the last item the thread has ended; a caller that stopped early (a failed step,
+        # an interrupt) waits a little for the item in hand, not for a stream that may be stuck
+        worker.join(timeout=None if finished else 30)
 
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict], step: Step, optimizer, scheduler,

@@ -101,3 +101,12 @@ def test_a_pool_epoch_shuffles_rows_so_two_eyes_share_a_batch_only_by_chance(tmp
     assert pairs <= chance + 4 * chance ** 0.5, (pairs, chance)  # blocks shuffled alone: ~2 x 200
     assert [sorted(e) for e in epochs] == [sorted(ids)] * 2  # every image once an epoch
     assert epochs[0] != epochs[1]  # each epoch its own order
+
+
+def test_a_large_pool_streams_fewer_epochs_per_pass():
+    """A pass's shuffled epochs wait in Ray's object store: the paper's 57k-image pool one at a time."""
+    from jobs.common import epochs_per_pass
+
+    assert epochs_per_pass(100, 57_146) == 1 and epochs_per_pass(100, 200_000) == 1
+    assert epochs_per_pass(100, 2_899) == 10  # the demo pool: ten a pass, as before
+    assert epochs_per_pass(100, 48) == 42 and epochs_per_pass(3, 48) == 3  # a small labeled subset: more
