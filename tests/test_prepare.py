@@ -313,3 +313,28 @@ def test_a_read_only_prepared_location_needs_no_lock(tmp_path, monkeypatch):
     with preparation_lock(tmp_path / "share" / "eyepacs", "eyepacs"):
         entered.append(True)
     assert entered
+
+
+def test_a_synthesis_killed_half_way_leaves_no_data_set_behind(tmp_path, monkeypatch):
+    """The next run must not take a half-written folder for the data set (it once failed with
+    'label file trainLabels.csv not found' after a cancelled SLURM job)."""
+    import drray.data.synthetic as synthetic
+    from drray.config import SyntheticConfig
+    from drray.distributed.prepare import synthesise
+
+    images = tmp_path / "raw" / "eyepacs"
+    real = synthetic.synthesize
+
+    def killed(out, *args, **kwargs):
+        (Path(out) / "train").mkdir(parents=True)
+        (Path(out) / "train" / "1_left.jpeg").write_bytes(b"half")
+        raise KeyboardInterrupt  # scancel
+
+    monkeypatch.setattr(synthetic, "synthesize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synthesise(images, SyntheticConfig(n=4, frame_scale=0.3))
+    assert not images.exists()  # only a temporary beside it
+    monkeypatch.setattr(synthetic, "synthesize", real)
+    synthesise(images, SyntheticConfig(n=4, frame_scale=0.3))
+    assert (images / "trainLabels.csv").is_file() and len(list((images / "train").glob("*.jpeg"))) == 4
+    assert sorted(p.name for p in images.parent.iterdir()) == ["eyepacs"]  # the temporary removed

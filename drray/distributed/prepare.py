@@ -168,10 +168,21 @@ def preparation_lock(prepared: Path, name: str, notice_after_s: float = 5.0):
         lock.release()
 
 
+def synthesise(images: Path, spec) -> None:
+    """Write a configured synthetic set into ``images`` (a folder that does not exist yet) through
+    a temporary folder beside it, renamed when complete: a job killed while synthesising (a
+    cancelled SLURM job) left a half-written folder that the next run took for the data set
+    ("label file trainLabels.csv not found"); now it leaves a temporary that the next run removes."""
+    clean_stale_temporaries(images)
+    partial = images.parent / f".{images.name}.synth-{os.getpid()}"
+    write_dataset(partial, spec)
+    os.replace(partial, images)
+
+
 def _ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
     images = Path(ds.images)
     if not images.is_dir():  # a synthetic set (checked in ensure_prepared)
-        write_dataset(images, ds.synthetic)
+        synthesise(images, ds.synthetic)
     manifest = prepare_source(
         source=ds.source, images=images, labels=list(ds.labels), out=ds.prepared, params=params_from(cfg),
         id_from=ds.id_from, partition=ds.partition, test_fraction=ds.test_fraction, seed=cfg.run.seed,
