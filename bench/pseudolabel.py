@@ -1,6 +1,7 @@
-"""Pseudo-labeling throughput and memory: the Ray Data job (decode tasks + model actors,
-streamed into Parquet) against a bare single-process PyTorch DataLoader loop over the same
-shards with the same model, same run; and the job's peak memory at two pool sizes.
+"""Pseudo-labeling throughput and memory: the Ray Data job (read tasks + model actors that
+decode, streamed into Parquet) against a bare single-process PyTorch DataLoader loop over the
+same shards with the same model, same run; and the job's peak memory at two pool sizes (at pool
+scale, with the whole job: bench/inference_memory.py).
 
     python bench/pseudolabel.py [--config configs/demo.yaml] [--sizes 2000 20000] [--set k=v ...]
 
@@ -36,17 +37,15 @@ cfg = dataclasses.replace(cfg, data=dataclasses.replace(
 
 RAY_JOB = COMMON + r"""
 from pathlib import Path
-from drray.data.shards import read_index
 from drray.distributed.inference import Inference, check_resources
 from drray.distributed.runtime import ensure_ray
 from jobs import pseudolabel
 ensure_ray(cfg.run.num_cpus)
-inference = Inference.of(cfg.pseudolabel)
+inference = Inference.of(cfg.pseudolabel, "pseudolabel")
 check_resources(inference, "pseudolabel")
-pool = read_index(pool_dir, ["image_id"]).column("image_id").to_pylist()
 out = Path(sys.argv[5])
 start = time.perf_counter()
-n = pseudolabel._write(out, cfg, {"teacher": teacher}, pool, inference)
+n = pseudolabel._write(out, cfg, {"teacher": teacher}, inference)["images"]
 print(json.dumps({"images": n, "seconds": time.perf_counter() - start}))
 """
 
@@ -80,10 +79,16 @@ print(json.dumps({"images": n, "seconds": time.perf_counter() - start}))
 
 
 def make_pool(source: str, n: int, out: Path) -> Path:
-    """A prepared set of ``n`` train rows: the source's train rows repeated under new ids."""
+    """A prepared set of ``n`` train rows: the source's train rows repeated under new ids, the
+    first copy with its grades (the labeled subset), the others unlabeled, as a pool is. Its
+    manifest keeps the source's inputs fingerprint and parameters, so that a job given it as
+    ``data.eyepacs.prepared`` takes it as prepared and current."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from drray.artifacts import OUTPUT_MARK
     from drray.data.shards import read_manifest, shard_paths
 
     if (out / "manifest.json").is_file():
@@ -96,11 +101,16 @@ def make_pool(source: str, n: int, out: Path) -> Path:
         take = rows.slice(0, min(len(rows), n - done))
         ids = pa.array([f"{i}_r{copy}" for i in take.column("image_id").to_pylist()])
         take = take.set_column(take.schema.get_field_index("image_id"), "image_id", ids)
+        if copy:
+            grade = take.schema.get_field_index("grade")
+            take = take.set_column(grade, take.schema.field(grade), pa.nulls(len(take), pa.int8()))
         for start in range(0, len(take), 500):
             name = f"shard-{len(shards):05d}.parquet"
             pq.write_table(take.slice(start, 500), out / "shards" / name, row_group_size=250)
             shards.append({"file": name, "rows": min(500, len(take) - start)})
         done, copy = done + len(take), copy + 1
+    for name in (OUTPUT_MARK, "rejects.parquet"):  # drray's mark: a job may replace the folder
+        shutil.copyfile(Path(source) / name, out / name)
     manifest = read_manifest(source)
     manifest.update(shards=shards, content_hash=f"bench-{n}")
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -173,7 +183,7 @@ def _table(cfg, args, results, base_rate, base_peak, threads) -> str:
     for n in (small, large):
         r = results[n]
         rate = r["ray"]["images"] / r["ray"]["seconds"]
-        lines.append(f"| Ray Data job (decode tasks + model actor, streamed to Parquet) | {n} | {rate:.1f} | "
+        lines.append(f"| Ray Data job (read tasks + model actor that decodes, streamed to Parquet) | {n} | {rate:.1f} | "
                      f"{rate / base_rate:.2f} | {r['ray_peak'] / 2**20:.0f} |")
     growth = results[large]["ray_peak"] / results[small]["ray_peak"]
     lines += ["", f"Peak memory growth from {small} to {large} pool images: **{growth:.2f}x** (target <= 1.2x). "

@@ -12,11 +12,14 @@ pipeline. Written to ``RUN/evaluate-<key>/`` (and ``RUN/metrics.json``):
                          and 95% Wilson intervals (design-effect adjusted at image level), PPV
                          and NPV at ``evaluate.prevalence``; DeLong's test (Obuchowski's
                          clustered form) between every two models on the same images, per unit;
-                         each test set's imageability (from its prepared set's manifest)
+                         each test set's imageability (from its prepared set's manifest);
+                         ``undecodable``: the test images whose prepared image could not be
+                         decoded (image_id, test_set, reason), left out of every number
     roc_<set>.png        ROC curves, every model overlaid (images)
     reliability_<set>.png  reliability diagrams, images and patients, every model overlaid
-    tsne.png             t-SNE of penultimate-layer features on the external set (the paper's
-                         Figure 4: Messidor-2), or the EyePACS test split without one
+    tsne.png             t-SNE of penultimate-layer features of a seeded sample of the external
+                         set's images (the paper's Figure 4: Messidor-2), or of the EyePACS test
+                         split without one; only those images' features leave the models' device
 
 Eyes of one patient are correlated: every interval and test treats the patient as the
 independent unit (drray.metrics). The operating threshold (``evaluate.operating_sensitivity`` on
@@ -42,9 +45,11 @@ from drray.data.shards import read_index, read_manifest
 from drray.data.splits import binary_target, patient_of
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import (
+    DECODE_ERROR,
     Inference,
     check_resources,
     features_column,
+    features_of,
     predictions,
     prob_column,
 )
@@ -179,31 +184,69 @@ def run(cfg: Config) -> dict:
 
 
 def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
-    inference = Inference.of(cfg.evaluate)
+    inference = Inference.of(cfg.evaluate, "evaluate", cfg.share)
     check_resources(inference, "evaluate")
     sets = evaluation_sets(cfg)
     say("evaluate", f"{len(models)} model(s) on " + ", ".join(f"{k} ({len(s.targets)})" for k, s in sets.items()))
-    ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=cfg.evaluate.tsne_images > 0)
-    columns = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models, _tsne_set(sets))
+    sample = tsne_sample(sets, cfg.evaluate.tsne_images, cfg.evaluate.seed)
+    ds = predictions(sets, {n: str(p) for n, p in models.items()}, inference, features=sample)
+    columns, features, undecodable = _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), models)
+    if undecodable:
+        say("evaluate", f"warning: {len(undecodable)} test image(s) could not be decoded and are left out of "
+                        f"every number (listed in metrics.json, 'undecodable'): "
+                        + ", ".join(f"{r['test_set']}/{r['image_id']}" for r in undecodable[:5]))
     with atomic_directory(out, what="evaluation folder", legacy=EVALUATION_LEGACY) as tmp:
         _write_predictions(columns, models, tmp / "predictions.parquet")
-        metrics = {**compute_metrics(columns, models, cfg), "imageability": test_set_imageability(cfg)}
-        _figures(columns, models, metrics, cfg, tmp)
+        metrics = {**compute_metrics(columns, models, cfg), "imageability": test_set_imageability(cfg),
+                   "undecodable": undecodable}
+        _figures(columns, models, metrics, cfg, tmp, features)
         atomic_write_json(tmp / "metrics.json", metrics)
         StageDir(tmp).write_done({"stage": "evaluate", "models": {n: str(p) for n, p in models.items()}})
 
 
-def _collect(batches, models, tsne_set: str) -> dict[str, np.ndarray]:
+def tsne_sample(sets: dict[str, Selection], images: int, seed: int) -> dict[str, frozenset[str]] | None:
+    """The images whose penultimate features the t-SNE draws: a seeded sample of ``images`` of
+    the t-SNE set, by image id (the same images in whatever order the predictions arrive), as
+    :func:`drray.distributed.inference.predictions` takes it; None without a t-SNE."""
+    if images == 0:
+        return None
+    name = _tsne_set(sets)
+    ids = sorted(sets[name].targets)
+    return {name: frozenset(ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:images])}
+
+
+def _collect(batches, models) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
+    """The prediction columns of every decoded row; the features of the rows that have them (the
+    t-SNE sample, in image-id order: ``target`` and an (n, D) array per model; none without a
+    t-SNE); and the rows whose image could not be decoded (image_id, test_set, reason)."""
     keep = ["image_id", "patient_id", "target", "test_set"] + [prob_column(m) for m in models]
     parts: dict[str, list] = {k: [] for k in keep}
+    tsne: dict[str, list] = {"image_id": [], "target": [], **{m: [] for m in models}}
+    undecodable = []
     for batch in batches:
-        tests = batch["test_set"] == tsne_set  # features only where the t-SNE needs them
+        decoded = batch[DECODE_ERROR] == ""
+        undecodable += [{"image_id": str(i), "test_set": str(t), "reason": str(e)} for i, t, e in
+                        zip(*(batch[k][~decoded] for k in ("image_id", "test_set", DECODE_ERROR)), strict=True)]
         for k in keep:
-            parts[k].append(batch[k])
-        for m in models:
-            if features_column(m) in batch:  # absent without a t-SNE
-                parts.setdefault(features_column(m), []).append(batch[features_column(m)][tests])
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+            parts[k].append(batch[k][decoded])
+        _add_features(tsne, batch, models)
+    columns = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    order = np.argsort(np.asarray(tsne["image_id"], dtype=str), kind="stable")  # by id, not by arrival
+    features = {"target": np.asarray(tsne["target"], np.float32)[order],
+                **{m: np.stack(tsne[m])[order] if tsne[m] else np.zeros((0, 0), np.float32) for m in models}}
+    return columns, features, undecodable
+
+
+def _add_features(tsne: dict[str, list], batch: dict, models) -> None:
+    """The batch's rows with features (the t-SNE sample's decoded rows; none without a t-SNE)."""
+    if features_column(next(iter(models))) not in batch:
+        return
+    cells = {m: [features_of(c) for c in batch[features_column(m)]] for m in models}
+    rows = [i for i, c in enumerate(cells[next(iter(models))]) if c.size]
+    tsne["image_id"] += [batch["image_id"][i] for i in rows]
+    tsne["target"] += [batch["target"][i] for i in rows]
+    for m in models:
+        tsne[m] += [cells[m][i] for i in rows]
 
 
 def _write_predictions(columns: dict, models: dict, path: Path) -> None:
@@ -355,7 +398,7 @@ def prepared_imageability(prepared: str, split: str | None) -> dict:
             **imageability(prepared_n, by_kind), "ungraded": sum(r["grade"] is None for r in in_split)}
 
 
-def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path) -> None:
+def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path, features: dict) -> None:
     from drray.plots import reliability_figure, roc_figure, tsne_figure
 
     for test_set in dict.fromkeys(columns["test_set"].tolist()):
@@ -371,10 +414,9 @@ def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path)
     if cfg.evaluate.tsne_images == 0:
         return
     tsne_set = _tsne_set(columns["test_set"])
-    targets = columns["target"][columns["test_set"] == tsne_set]
-    sample = np.random.default_rng(cfg.evaluate.seed).permutation(len(targets))[: cfg.evaluate.tsne_images]
-    panels = {m: (tsne(columns[features_column(m)][sample], cfg.evaluate.seed), targets[sample]) for m in models}
-    tsne_figure(panels, f"t-SNE of penultimate features, {tsne_set} ({len(sample)} images)", out / "tsne.png")
+    n = len(features["target"])
+    panels = {m: (tsne(features[m], cfg.evaluate.seed), features["target"]) for m in models}
+    tsne_figure(panels, f"t-SNE of penultimate features, {tsne_set} ({n} images)", out / "tsne.png")
 
 
 def _tsne_set(sets) -> str:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -95,3 +96,56 @@ def test_killed_job_leaves_no_table_and_rerun_completes(cfg, tmp_path):
     assert pq.read_metadata(out).num_rows == len(common.pool_ids(cfg))
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "the stale temporary was not cleaned"
     assert json.loads(again.stdout)["skipped"] is False
+
+
+class Batches:
+    """Stands in for the Ray Dataset of predictions: the actor's output batches, as given."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_batches(self, **_):
+        return iter(self.batches)
+
+
+def tiny_pool(folder: Path, ids: list[str]) -> Path:
+    """A prepared set's shards and manifest, as far as the driver reads them (ids and splits)."""
+    (folder / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ids + ["t0"], "split": ["train"] * len(ids) + ["test"]}),
+                   folder / "shards" / "shard-00000.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"file": "shard-00000.parquet"}]}))
+    return folder
+
+
+def predicted(ids, probs, errors=None) -> dict:
+    from drray.distributed.inference import DECODE_ERROR, prob_column
+
+    return {"image_id": np.array(ids, dtype=object), prob_column("teacher"): np.array(probs, np.float32),
+            DECODE_ERROR: np.array(errors or [""] * len(ids), dtype=object)}
+
+
+@pytest.mark.parametrize("case", ["complete", "missing", "duplicated"])
+def test_the_table_streams_to_disk_with_the_undecodable_beside_it_and_only_when_complete(tmp_path, monkeypatch, case):
+    """The driver's side alone (no Ray): batches as the model actor returns them."""
+    from drray.distributed.inference import Inference
+    from jobs import pseudolabel
+
+    pool = tiny_pool(tmp_path / "pool", [f"p{i}" for i in range(5)])
+    cfg = load_config(CI, [f"run.dir={tmp_path}", f"data.eyepacs.prepared={pool}"])
+    batches = [predicted(["p0", "p1", "p2"], [0.9, np.nan, 0.2], ["", "UnidentifiedImageError: no image", ""]),
+               predicted({"complete": ["p3", "p4"], "missing": ["p3"], "duplicated": ["p3", "p4", "p0"]}[case],
+                         {"complete": [0.6, 0.1], "missing": [0.6], "duplicated": [0.6, 0.1, 0.9]}[case])]
+    monkeypatch.setattr(pseudolabel, "predictions", lambda *a, **k: Batches(batches))
+    out = tmp_path / "stage" / "pseudolabels.parquet"
+    if case != "complete":
+        with pytest.raises(RuntimeError, match="1 missing" if case == "missing" else "1 duplicated"):
+            pseudolabel._write(out, cfg, {"teacher": "t"}, Inference())
+        assert not out.exists() and not list(out.parent.iterdir())  # nothing a later stage would trust
+        return
+    assert pseudolabel._write(out, cfg, {"teacher": "t"}, Inference()) == {"images": 4, "undecodable": 1}
+    table = pq.read_table(out)
+    assert table.column("image_id").to_pylist() == ["p0", "p2", "p3", "p4"]
+    assert table.column("label").to_pylist() == [1, 0, 1, 0]
+    assert pq.read_table(out.with_name(pseudolabel.UNDECODABLE)).to_pylist() == [
+        {"image_id": "p1", "reason": "UnidentifiedImageError: no image"}]
+    assert pseudolabel._summary(out)["undecodable"] == 1

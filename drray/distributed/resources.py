@@ -34,7 +34,8 @@ def training_demand(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
 
 
 def inference_demand(concurrency: int, cpus_per_actor: float, use_gpu: bool, what: str) -> Demand:
-    """Model actors plus one decode task's CPU."""
+    """Model actors (which decode their images themselves) plus one data task's CPU for the
+    tasks that read the shards and select the rows that feed them."""
     return Demand(concurrency * cpus_per_actor + DATA_TASK_CPUS, concurrency if use_gpu else 0, what)
 
 

@@ -1,5 +1,6 @@
-"""Prediction with a one-logit classifier: probabilities (and penultimate features, when asked)
-of uint8 image batches, the same way in training validation, batch inference and drray predict."""
+"""Prediction with a one-logit classifier: probabilities (and penultimate features, for the
+rows that ask) of uint8 image batches, the same way in training validation, batch inference and
+drray predict."""
 
 from __future__ import annotations
 
@@ -8,21 +9,36 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from drray.data.transforms import normalise
 from drray.engine.loop import autocast, to_device
 
 
 @torch.no_grad()
 def predict_batch(model: torch.nn.Module, images, *, device: torch.device, dtype: torch.dtype | None,
-                  channels_last: bool = False, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sigmoid probabilities (B,) of a one-logit classifier for a batch of uint8 NCHW images, and
-    with ``features`` its penultimate features (B, D) (else None: nothing more leaves the device);
-    the model must be in eval mode."""
-    x = to_device({"image": images}, device, channels_last)["image"]
+                  channels_last: bool = False,
+                  features: bool | np.ndarray = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sigmoid probabilities (B,) of a one-logit classifier for a batch of uint8 NCHW images (a
+    numpy array or tensor, moved to ``device``; or a tensor already on a GPU, e.g. decoded there
+    by nvJPEG), and its penultimate features: with ``features`` True every row's (B, D), with a
+    boolean mask of the rows only theirs (a t-SNE's sample), else None; nothing more leaves the
+    device. The model must be in eval mode."""
+    x = _model_input(images, device, channels_last)
     with autocast(device, dtype):
         penultimate = model.features(x)
         logits = model.head(penultimate)
     probs = torch.sigmoid(logits.float()).cpu().numpy()
-    return probs, (penultimate.float().cpu().numpy() if features else None)
+    if features is False:
+        return probs, None
+    if features is not True:
+        penultimate = penultimate[torch.as_tensor(np.asarray(features, bool), device=penultimate.device)]
+    return probs, penultimate.float().cpu().numpy()
+
+
+def _model_input(images, device: torch.device, channels_last: bool) -> torch.Tensor:
+    if not (isinstance(images, torch.Tensor) and images.is_cuda):
+        return to_device({"image": images}, device, channels_last)["image"]
+    x = normalise(images)  # on the GPU already: there is nothing to move (nor to pin)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()

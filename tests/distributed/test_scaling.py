@@ -107,3 +107,13 @@ def test_channels_last_is_the_models_layout():
     conv = next(m for m in for_device(plan.spec.build(), plan, _Runtime("cpu", 1)).modules()
                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.ray
+def test_inference_auto_concurrency_takes_the_running_clusters_cpus(ray_session):
+    from drray.config import InferenceConfig
+    from drray.distributed.inference import Inference
+
+    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel").concurrency == 3  # 4 CPUs - 0.5 decode
+    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel", share=2).concurrency == 1
+    assert Inference.of(InferenceConfig(concurrency=2), "evaluate").concurrency == 2
