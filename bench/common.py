@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -40,18 +41,22 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.05) -> tuple[float, int, str]:
-    """Run a command; return (seconds, peak RSS of its process tree in bytes, stdout)."""
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.05, cwd: Path | None = None,
+                 at_peak: Callable[[int], int] | None = None) -> tuple[float, int, str] | tuple[float, dict, str]:
+    """Run a command; return (seconds, peak RSS of its process tree in bytes, stdout). With
+    ``at_peak`` (a function of the command's pid), the peak is {"tree": bytes, "driver": what
+    at_peak gave when the tree's peak was reached}."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env={**os.environ, **(env or {})})
-    peak = 0
+    peak = {"tree": 0, "driver": 0}
     stop = threading.Event()
 
     def sample():
-        nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss_bytes(proc.pid))
+            tree = tree_rss_bytes(proc.pid)
+            if tree > peak["tree"]:
+                peak.update(tree=tree, driver=at_peak(proc.pid) if at_peak else 0)
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -61,8 +66,8 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.05
     thread.join()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return seconds, peak, out
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err[-3000:]}")
+    return seconds, (peak if at_peak else peak["tree"]), out
 
 
 def machine() -> str:

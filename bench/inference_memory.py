@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, tree_rss_bytes, write_section  # noqa: E402
+from bench.common import machine, run_measured, write_section  # noqa: E402
 from bench.pseudolabel import make_pool, make_teacher  # noqa: E402
 
 OUT = Path(__file__).with_name("out") / "inference_memory"
@@ -130,27 +128,8 @@ def run_sampled(cmd: list[str], cwd: Path | None = None, interval: float = 0.1) 
     """Run a command (from checkout ``cwd``: its drray is imported, Ray's workers' included);
     return its seconds, the peak PSS of its process tree (with the driver's share at that
     moment) and its stdout."""
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(cwd)} if cwd else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
-    peak = {"tree": 0, "driver": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            tree = tree_rss_bytes(proc.pid)
-            if tree > peak["tree"]:
-                peak.update(tree=tree, driver=_pss(proc.pid))
-            time.sleep(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, err = proc.communicate()
-    stop.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, peak, out
+    env = {"PYTHONPATH": str(cwd)} if cwd else None
+    return run_measured(cmd, env=env, interval=interval, cwd=cwd, at_peak=_pss)
 
 
 def _pss(pid: int) -> int:
