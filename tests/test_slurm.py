@@ -194,7 +194,8 @@ def test_local_executor_runs_a_job_without_slurm(tmp_path, monkeypatch):
     assert "<job>" not in result.stdout and "JOB_ID" not in result.stdout
     row = next(line.split() for line in drray("jobs").stdout.splitlines() if line.split()[:1] == [job_id])
     assert row[2] == "COMPLETED" and row[4] == "1" and row[5] != "-"
-    assert "up to date" in drray("logs", job_id).stdout
+    logs = drray("logs", job_id).stdout  # drray's lines: the sets prepared, or found up to date
+    assert "data/ci/prepared/messidor2" in logs and ("up to date" in logs or "prepare messidor2 ->" in logs), logs
     ended = drray("cancel", job_id)
     assert ended.returncode != 0 and "had already ended: COMPLETED" in ended.stderr
     assert drray("submit", "prepare", "--config", str(CI), "--executor", "local", "--nodes", "2").returncode != 0
