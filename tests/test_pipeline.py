@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from drray.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, ci_data_problem
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CI = REPO / "configs" / "ci.yaml"
@@ -76,6 +76,7 @@ def run(tmp_path_factory) -> Path:
     assert not (run / "report.md").exists()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert not (problem := ci_data_problem()), problem  # the counts below are of the whole set
     return run
 
 

@@ -22,7 +22,7 @@ from drray.distributed.resources import Demand
 from drray.distributed.scaling import ClusterShape
 from drray.report import sweep_summary
 from jobs import sweep
-from tests.conftest import REPO
+from tests.conftest import REPO, ci_data_problem
 
 SWEEP_CI = REPO / "configs" / "sweep-ci.yaml"
 TRIALS = ["frac0.1-seed0", "frac0.25-seed0"]
@@ -207,6 +207,7 @@ def swept(tmp_path_factory):
     # 3. The same command again finishes the sweep.
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert not (problem := ci_data_problem()), problem  # the counts below are of the whole set
     return run, first, killed_log, again
 
 

@@ -42,9 +42,10 @@ class ImageRejected(Exception):
     reason a person understands.
     """
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, errno: int | None = None):
         super().__init__(message)
         self.kind = kind
+        self.errno = errno  # for ``unreadable``: the system's error, which may pass (drray.data.prepare)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def decode_rgb(path: str | Path, min_side: int, max_pixels: int) -> Decoded:
         if os.path.getsize(path) == 0:
             raise ImageRejected("empty", "empty file (0 bytes)")
     except OSError as exc:
-        raise ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}", errno=exc.errno) from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -121,7 +122,11 @@ def decode_rgb(path: str | Path, min_side: int, max_pixels: int) -> Decoded:
         raise ImageRejected("decompression_bomb", f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected("not_image", "not an image: the file's contents are not a known image format") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the system failed to read it (I/O, permissions, open files): not its contents
+            raise ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}", errno=exc.errno) from exc
+        raise ImageRejected("corrupt", f"corrupt or truncated image: {exc}") from exc
+    except (SyntaxError, ValueError, EOFError, IndexError) as exc:
         raise ImageRejected("corrupt", f"corrupt or truncated image: {exc}") from exc
 
 

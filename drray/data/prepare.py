@@ -8,6 +8,8 @@ because of one bad file.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
 import time
 from collections import Counter
@@ -21,6 +23,8 @@ from drray.data.fundus import ImageRejected, encode_image, prepare_fundus
 from drray.data.shards import SHARD_SCHEMA
 from drray.data.sources import is_image_file, printable, unsupported_reason
 from drray.data.splits import patient_of
+
+log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("kind", pa.string()), pa.field("reason", pa.string())])
 
@@ -62,7 +66,7 @@ def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
             out.append(record)
             continue
         try:
-            prepared = prepare_fundus(path, params.size, params.max_pixels, params.mask_outside)
+            prepared = prepare_with_retries(path, params)
             circle = prepared.circle
             record.update(
                 image=encode_image(prepared.image, params.image_format, params.jpeg_quality),
@@ -76,6 +80,32 @@ def prepare_rows(rows: list[dict], params: PrepareParams) -> pa.Table:
                           reason=printable(f"unexpected error while preparing: {type(exc).__name__}: {exc}"))
         out.append(record)
     return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+
+# Rejects that say nothing about the file's contents: the system failed to read it, or drray
+# failed on it. A rerun tries them again (drray.distributed.prepare) rather than keep a set that
+# lacks them for good.
+RETRIED_KINDS = frozenset({"unreadable", "error"})
+# System errors that pass: a node short of memory or file handles, an NFS hiccup. One of them once
+# would otherwise cost a data set an image on every later run.
+PASSING_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
+                            errno.ESTALE, errno.ETIMEDOUT})
+RETRY_WAITS_S = (0.5, 2.0)
+
+
+def prepare_with_retries(path: str, params: PrepareParams):
+    """:func:`prepare_fundus`, tried again after each of :data:`RETRY_WAITS_S` when it fails for
+    a reason that passes (:data:`PASSING_ERRNOS`, or the worker out of memory); other rejects at once."""
+    for attempt, wait in enumerate((*RETRY_WAITS_S, None)):
+        try:
+            return prepare_fundus(path, params.size, params.max_pixels, params.mask_outside)
+        except (ImageRejected, MemoryError) as exc:
+            passing = isinstance(exc, MemoryError) or getattr(exc, "errno", None) in PASSING_ERRNOS
+            if wait is None or not passing:
+                raise
+            log.warning("%s: %s (attempt %d); trying again in %.1f s", printable(path),
+                        exc or type(exc).__name__, attempt + 1, wait)
+            time.sleep(wait)
 
 
 def reject_row(image_id: str, path: str | None, kind: str, reason: str) -> dict:

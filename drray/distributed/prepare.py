@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,14 @@ from drray.artifacts import (
     sha256_file,
 )
 from drray.config import Config, DatasetConfig
-from drray.data.prepare import PrepareParams, build_manifest, prepare_rows, reject_row
+from drray.data.fundus import prepare_fundus
+from drray.data.prepare import (
+    RETRIED_KINDS,
+    PrepareParams,
+    build_manifest,
+    prepare_rows,
+    reject_row,
+)
 from drray.data.shards import (
     MANIFEST,
     PREPARED_LEGACY,
@@ -102,7 +110,35 @@ def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) 
         return None
     same = (manifest.get("params") == dataclasses.asdict(params)
             and manifest.get("inputs_fingerprint") == fingerprint)
-    return manifest if same else None
+    if not same:
+        return None
+    readable = rejects_that_prepare_now(out, params)
+    if readable:
+        say("prepare", f"{len(readable)} image(s) of {out} that could not be read last time read now "
+                       f"({', '.join(readable[:5])}): preparing the set again")
+        return None
+    return manifest
+
+
+def rejects_that_prepare_now(out: str | Path, params: PrepareParams, look_at: int = 20) -> list[str]:
+    """Ids of rejects for a reason other than the file's contents (:data:`RETRIED_KINDS`: the
+    system failed to read it, or drray failed on it) that prepare now. Only the first
+    ``look_at`` are tried: a set of unreadable files (a folder without read permission) costs a
+    look at a few, and one that reads now is reason enough to prepare again."""
+    import pyarrow.parquet as pq
+
+    path = Path(out) / "rejects.parquet"
+    if not path.is_file():
+        return []
+    rows = [r for r in pq.read_table(path).to_pylist() if r["kind"] in RETRIED_KINDS and r["path"]]
+    readable = []
+    for row in rows[:look_at]:
+        try:
+            prepare_fundus(row["path"], params.size, params.max_pixels, params.mask_outside)
+        except Exception:  # noqa: BLE001 - still failing, for whatever reason: the reject stands
+            continue
+        readable.append(row["image_id"])
+    return readable
 
 
 def _with_splits(items: list[InputItem], partition: str | None, test_fraction: float | None,
@@ -252,11 +288,12 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             ok = pc.is_null(batch["kind"])
             good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
             writer.write(good)
-            prepared_rows.extend(good.select(["grade", "split", "patient_id"]).to_pylist())
+            prepared_rows.extend(good.select(["image_id", "grade", "split", "patient_id"]).to_pylist())
             rejects.extend(bad.select(REJECT_SCHEMA.names).to_pylist())
             if progress:
                 progress(len(prepared_rows) + len(rejects), len(items))
         shards = writer.close()
+        check_accounted_for(items, prepared_rows, rejects, out)
         timing["pipeline_s"] = round(time.time() - pipeline_started, 2)
         rejects.sort(key=lambda r: (r["image_id"], r["path"] or ""))
         write_rejects(tmp / "rejects.parquet", rejects)
@@ -271,6 +308,21 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             _keep_previous_if_good(out, manifest)
         atomic_write_json(tmp / MANIFEST, manifest)  # written last: its presence means complete
     return manifest
+
+
+def check_accounted_for(items: list[InputItem], prepared_rows: list[dict], rejects: list[dict], out: Path) -> None:
+    """Every input comes back once, prepared or rejected. A row lost on its way from the
+    pipeline's tasks would otherwise leave a set one image short for every later run, without a
+    word; raised inside the output's temporary, so nothing is written."""
+    expected = Counter(i.image_id for i in items)
+    returned = Counter(r["image_id"] for r in prepared_rows) + Counter(r["image_id"] for r in rejects)
+    if returned != expected:
+        lost, twice = sorted((expected - returned).elements()), sorted((returned - expected).elements())
+        raise PreparedDataError(
+            f"preparing {out}: {len(lost)} input(s) came back neither prepared nor rejected "
+            f"({', '.join(lost[:5]) or 'none'}) and {len(twice)} more often than given "
+            f"({', '.join(twice[:5]) or 'none'}); nothing was written. Run it again, and report it "
+            f"with the run's drray.log if it recurs")
 
 
 def _keep_previous_if_good(out: Path, failed: dict) -> None:

@@ -312,3 +312,79 @@ def test_a_messidor2_exam_file_groups_its_images(monkeypatch, tmp_path):
         assert split["IM000123"] == split["IM000124"]
     with pytest.raises(SourceError, match="patients file nope.csv not found"):
         collect_inputs("messidor2", images, ["messidor_data.csv"], patients="nope.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures that are not the file's: tried again, never kept as the data set's for good
+# ---------------------------------------------------------------------------------------------
+
+
+def failing_reads(monkeypatch, failures: dict[str, list[int]]):
+    """Image.open fails for the named files with each errno of their list in turn, then reads."""
+    import drray.data.fundus as fundus
+
+    real_open, calls = fundus.Image.open, []
+
+    def open_(path, *args, **kwargs):
+        calls.append(os.path.basename(path))
+        pending = failures.get(os.path.basename(path))
+        if pending:
+            code = pending.pop(0)
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fundus.Image, "open", open_)
+    monkeypatch.setattr("drray.data.prepare.RETRY_WAITS_S", (0.01, 0.01))
+    return calls
+
+
+def two_eyes(tmp_path):
+    images = tmp_path / "eyepacs"
+    (images / "train").mkdir(parents=True)
+    for i, name in enumerate(["10_left", "10_right", "11_left"]):
+        frame(seed=i).save(images / "train" / f"{name}.jpeg")
+    (images / "trainLabels.csv").write_text("image,level\n10_left,0\n10_right,2\n11_left,1\n")
+    return images
+
+
+def test_a_read_that_fails_for_a_passing_reason_is_tried_again(monkeypatch, tmp_path):
+    """Too many open files, then an I/O error, then the file reads: prepared. A read refused
+    for good (permissions) is an unreadable reject at once, not a contents reject."""
+    import errno
+
+    images = two_eyes(tmp_path)
+    calls = failing_reads(monkeypatch, {"10_left.jpeg": [errno.EMFILE, errno.EIO], "11_left.jpeg": [errno.EACCES]})
+    rows, counts = prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], tmp_path / "out")
+    assert set(rows) == {"10_left", "10_right"} and calls.count("10_left.jpeg") == 3
+    assert calls.count("11_left.jpeg") == 1 and counts["rejected_by_reason"] == {"unreadable": 1}
+    reject = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()[0]
+    assert reject["image_id"] == "11_left" and "Permission denied" in reject["reason"]
+
+
+def test_a_reject_that_reads_now_is_prepared_on_the_next_run(monkeypatch, tmp_path, capsys):
+    """A set whose inputs did not change is kept, unless an image that the system failed to
+    read last time reads now: then it is prepared again (once the permission was fixed, say)."""
+    import errno
+
+    images, out = two_eyes(tmp_path), tmp_path / "out"
+    failing_reads(monkeypatch, {"11_left.jpeg": [errno.EACCES, errno.EACCES]})
+    prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], out)
+    again = dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
+                              params=PrepareParams(size=32), reuse_current=True)
+    assert again.get("reused") is True  # still unreadable: the set stands
+    now = dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
+                            params=PrepareParams(size=32), reuse_current=True)
+    assert "reused" not in now and now["counts"]["prepared"] == 3 and now["counts"]["rejected"] == 0
+    assert "1 image(s) of" in (said := capsys.readouterr().err) and "read now (11_left): preparing the set again" in said
+
+
+def test_an_input_lost_on_its_way_fails_the_preparation_and_keeps_the_set(monkeypatch, tmp_path):
+    images, out = two_eyes(tmp_path), tmp_path / "out"
+    prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], out)
+    before = read_manifest(out)["content_hash"]
+    (images / "train" / "11_left.jpeg").touch()  # inputs changed: prepared again
+    monkeypatch.setattr(dp, "_run_pipeline", lambda todo, params, batch_size: iter([prepare_rows(todo[:-1], params)]))
+    with pytest.raises(dp.PreparedDataError, match=r"1 input\(s\) came back neither prepared nor rejected \(11_left\)"):
+        dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
+                          params=PrepareParams(size=32), reuse_current=True)
+    assert read_manifest(out)["content_hash"] == before and len(read_index(out)) == 3
