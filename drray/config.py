@@ -211,7 +211,7 @@ class InferenceConfig:
     # Model actors: one per GPU with use_gpu, CPU actors otherwise. "auto": one per GPU of the
     # Ray cluster with use_gpu, else as many CPU actors as leave the data tasks their share.
     concurrency: int | Literal["auto"] = 1
-    cpus_per_actor: int = 1  # also the actor's torch threads; leave CPUs for the decode tasks
+    cpus_per_actor: int = 1  # also the actor's torch threads (it decodes its batches); leave CPUs for the shard reads
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
 

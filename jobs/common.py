@@ -14,10 +14,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from drray.artifacts import StageDir, atomic_directory, sha256_file, write_resolved_config
 from drray.config import Config, ScalingConfig, run_dir, stages_dir
 from drray.data.shards import read_index
 from drray.data.splits import binary_target, sample_labeled
+from drray.distributed.datasets import Selection, Stream
 from drray.distributed.prepare import ensure_prepared
 from drray.distributed.runtime import ensure_ray
 from drray.distributed.scaling import AUTO, cluster_shape, training_workers
@@ -62,8 +65,9 @@ def labeled_subset(cfg: Config) -> LabeledSubset:
     of whole patients (the shards' patient_id): no patient has an eye on each side of either
     line. Every stage that reads a grade reads it here, and each call records what it read in
     RUN/labels.parquet: the budget, and nothing else, is what a run spends."""
-    index = read_index(cfg.data.eyepacs.prepared).to_pylist()
-    rows = {r["image_id"]: r for r in index if r["split"] == "train" and r["grade"] is not None}
+    index = read_index(cfg.data.eyepacs.prepared, columns=["image_id", "grade", "dme", "patient_id", "split"])
+    labeled = pc.and_(pc.equal(index["split"], "train"), pc.is_valid(index["grade"]))
+    rows = {r["image_id"]: r for r in index.filter(labeled).to_pylist()}  # Python rows of the labeled only
     if not rows:
         raise ValueError(f"{cfg.data.eyepacs.prepared}: no labeled images in the train split")
     ids = list(rows)
@@ -101,9 +105,17 @@ def record_labels_read(cfg: Config, read: dict[str, tuple[str, int]]) -> None:
     tmp.replace(path)
 
 
+def labeled_stream(cfg: Config, targets: dict[str, float]) -> Stream:
+    """The labeled train images ``targets`` as prepared, in their stored order: a validation or
+    probe stream (a Stream shuffles by default: training's)."""
+    selection = Selection.clean(cfg.data.eyepacs.prepared, cfg.data.size, split="train", targets=targets)
+    return Stream(selection, 256, shuffle=False)
+
+
 def pool_ids(cfg: Config) -> list[str]:
     """The unlabeled pool: every prepared train-split image (labels unused)."""
-    return [r["image_id"] for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train"]
+    index = read_index(cfg.data.eyepacs.prepared, columns=["image_id", "split"])
+    return index.filter(pc.equal(index["split"], "train"))["image_id"].to_pylist()
 
 
 def start_stage(cfg: Config, out: StageDir) -> StageDir:
@@ -177,10 +189,12 @@ def steps_per_epoch(n_rows: int, global_batch: int) -> int:
 
 
 def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, scaling: ScalingConfig | None = None,
-             **extra) -> FitPlan:
+             streamed_rows: int | None = None, **extra) -> FitPlan:
     """A stage's FitPlan from its config section (epochs, batch_size, optim, scaling,
     checkpoint_every): what every training stage sets the same way. ``scaling``: the stage's,
-    already resolved (:func:`stage_scaling`), when the job needed it before."""
+    already resolved (:func:`stage_scaling`), when the job needed it before. ``streamed_rows``:
+    the rows its largest stream reads an epoch, where that is not ``n_rows`` (FixMatch's epoch is
+    pool/mu labeled batches, while its unlabeled stream reads the whole pool)."""
     section = r.stage.config(cfg)
     scaling = scaling or stage_scaling(cfg, r)
     batch = batch_for(section.batch_size, n_rows, scaling.num_workers, r.stage.name)
@@ -191,7 +205,7 @@ def fit_plan(cfg: Config, r: stages.Resolved, *, spec, method, n_rows: int, scal
         num_workers=scaling.num_workers, precision=scaling.precision, channels_last=scaling.channels_last,
         sync_batchnorm=scaling.sync_batchnorm,
         compile=scaling.compile, checkpoint_every=section.checkpoint_every,
-        seed=stages.training_seed(cfg, r.stage.name), epochs_per_pass=epochs_per_pass(section.epochs, n_rows),
+        seed=stages.training_seed(cfg, r.stage.name), epochs_per_pass=epochs_per_pass(section.epochs, streamed_rows or n_rows),
         **extra,
     )
 

@@ -415,8 +415,14 @@ def _figures(columns: dict, models: dict, metrics: dict, cfg: Config, out: Path,
         return
     tsne_set = _tsne_set(columns["test_set"])
     n = len(features["target"])
+    if n < TSNE_MIN_IMAGES:  # its sample undecodable, or a tiny test set: no map to draw
+        say("evaluate", f"no t-SNE figure: {n} image(s) of {tsne_set} have features (it needs {TSNE_MIN_IMAGES})")
+        return
     panels = {m: (tsne(features[m], cfg.evaluate.seed), features["target"]) for m in models}
     tsne_figure(panels, f"t-SNE of penultimate features, {tsne_set} ({n} images)", out / "tsne.png")
+
+
+TSNE_MIN_IMAGES = 5  # t-SNE's perplexity (at least 2 here) must stay below the number of points
 
 
 def _tsne_set(sets) -> str:

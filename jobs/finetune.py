@@ -66,7 +66,7 @@ def run(cfg: Config, name: str = "teacher") -> dict:
     datasets = {
         "train": Stream(Selection(prepared, method.train_views, size, split="train", targets=subset.labeled),
                                plan.batch_size, epochs_per_pass=plan.epochs_per_pass),
-        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256, shuffle=False),
+        "val": common.labeled_stream(cfg, subset.validation),
     }
     return common.fit(cfg, r, plan, datasets)
 

@@ -39,9 +39,8 @@ def _probe_streams(cfg: Config, out: StageDir) -> dict:
     if not subset.validation:
         say("pretrain", "monitor off: labels.validation is 0, so the probe has no images to vote on")
         return {}
-    prepared, size = cfg.data.eyepacs.prepared, cfg.data.size
     out.append_metrics(
         {"event": "monitor", "labeled": len(subset.labeled), "validation": len(subset.validation),
          "labels": to_dict(cfg.labels), "time": time.time()})
-    return {name: Stream(Selection.clean(prepared, size, split="train", targets=ids), 256, shuffle=False)
-            for name, ids in (("probe_train", subset.labeled), ("probe_val", subset.validation))}
+    return {"probe_train": common.labeled_stream(cfg, subset.labeled),
+            "probe_val": common.labeled_stream(cfg, subset.validation)}

@@ -69,8 +69,8 @@ def run(cfg: Config, name: str) -> dict:
     spec, start = initial_model(cfg, r)
     scaling = common.stage_scaling(cfg, r)
     plan = common.fit_plan(
-        cfg, r, method=method, n_rows=len(pool) // section.mu, spec=spec, init_backbone=start, scaling=scaling,
-        validate=bool(subset.validation), ema_decay=section.ema_decay,
+        cfg, r, method=method, n_rows=len(pool) // section.mu, streamed_rows=len(pool), spec=spec,
+        init_backbone=start, scaling=scaling, validate=bool(subset.validation), ema_decay=section.ema_decay,
         unlabeled_batch=common.per_worker_batch(unlabeled_global, scaling, name),
     )
     _warn_if_ema_is_mostly_initial(name, section.ema_decay, plan.steps_per_epoch * plan.epochs)
@@ -83,7 +83,7 @@ def run(cfg: Config, name: str) -> dict:
                                plan.batch_size, epochs_per_pass=copies),
         "unlabeled": Stream(Selection(prepared, method.unlabeled_views, size, split="train"),
                                    plan.unlabeled_batch, epochs_per_pass=plan.epochs_per_pass),
-        "val": Stream(Selection.clean(prepared, size, split="train", targets=subset.validation), 256, shuffle=False),
+        "val": common.labeled_stream(cfg, subset.validation),
     }
     return common.fit(cfg, r, plan, datasets)
 

@@ -48,3 +48,18 @@ def test_collected_columns_hold_every_decoded_row_and_only_the_samples_features(
     assert list(features["target"]) == [1.0, 1.0]  # rows x and w, in id order: w first
     np.testing.assert_array_equal(features["teacher"], [[3] * 4, [1] * 4])
     np.testing.assert_array_equal(features["student"], [[4] * 4, [2] * 4])
+
+
+def test_a_tsne_sample_without_enough_decoded_images_is_said_and_drawn_from_nothing(tmp_path, capsys):
+    """Every sampled image undecodable (or a tiny test set): the job goes on without the figure
+    (t-SNE itself raises for fewer points than its perplexity)."""
+    from drray.config import load_config
+    from jobs.evaluate import _figures
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "ci.yaml", ["evaluate.tsne_images=10"])
+    columns = {"test_set": np.array([VALIDATION] * 3, dtype=object)}
+    features = {"target": np.zeros(2, np.float32), **{m: np.zeros((2, 4), np.float32) for m in MODELS}}
+    _figures(columns, MODELS, {"results": []}, cfg, tmp_path, features)
+    assert not (tmp_path / "tsne.png").exists()
+    assert "no t-SNE figure: 2 image(s) of eyepacs_test have features" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`drray prepare` end to end on real Ray: every bad-input kind is rejected with its reason,
 counts add up, output is replaced atomically, and `drray run prepare` builds data from a config."""
 
+import errno
 import io
 import json
 import os
@@ -298,21 +299,28 @@ def test_missing_images_are_named_before_anything_is_created(tmp_path):
     assert not (tmp_path / "out").exists()  # no lock, no folder for a typo
 
 
-def test_a_read_only_prepared_location_needs_no_lock(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refusal", [errno.EACCES, errno.EROFS])
+def test_a_read_only_prepared_location_needs_no_lock(tmp_path, monkeypatch, refusal):
     """A prepared set on a read-only share (CI runs as root, who writes anywhere: the refusal
-    is made by the lock itself)."""
+    is made by the lock itself; filelock raises EROFS on a read-only mount, EACCES without
+    permission). Any other failure to lock is raised."""
     import filelock
 
     from drray.distributed.prepare import preparation_lock
 
-    def refuse(self, *args, **kwargs):
-        raise PermissionError(13, "Read-only file system", self.lock_file)
+    def refuse(code):
+        def acquire(self, *args, **kwargs):
+            raise OSError(code, os.strerror(code), self.lock_file)
+        return acquire
 
-    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse(refusal))
     entered = []
     with preparation_lock(tmp_path / "share" / "eyepacs", "eyepacs"):
         entered.append(True)
     assert entered
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"), preparation_lock(tmp_path / "share" / "eyepacs", "eyepacs"):
+        pass
 
 
 def test_a_synthesis_killed_half_way_leaves_no_data_set_behind(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -34,7 +35,6 @@ from drray.artifacts import (
     sha256_file,
 )
 from drray.config import Config, DatasetConfig
-from drray.data.fundus import prepare_fundus
 from drray.data.prepare import (
     RETRIED_KINDS,
     PrepareParams,
@@ -84,16 +84,20 @@ def prepare_source(*, source: str, images: str | Path, labels: list[str | Path],
     split_rule = {"partition": sha256_file(partition) if partition and Path(partition).is_file() else partition,
                   "test_fraction": test_fraction, "seed": seed, "grouping": "patient"}
     fingerprint = hashlib.sha256(f"{report.fingerprint}{split_rule}".encode()).hexdigest()
-    if reuse_current:
-        current = _current_manifest(out, params, fingerprint)
-        if current:
+    retried: list[str] = []
+    if reuse_current and (current := _current_manifest(out, params, fingerprint)):
+        retried = rejects_that_prepare_now(out, params, tried_before=current.get("retried_rejects", []))
+        if not retried:
             log.info("%s is up to date (same inputs and parameters): kept", out)
             return {**current, "reused": True}
+        say("prepare", f"{len(retried)} image(s) of {out} that could not be read last time read now "
+                       f"({', '.join(retried[:5])}): preparing the set again")
     items = _with_splits(report.items, partition, test_fraction, seed)
     return prepare_dataset(
         items, out, params, source=source, images=str(images), label_files=report.label_files,
         id_from=id_from, duplicate_label_rows=report.duplicate_label_rows, inputs_fingerprint=fingerprint,
         batch_size=batch_size, num_cpus=num_cpus, progress=Progress(f"prepare {source} -> {out}"),
+        retried_rejects=retried,
     )
 
 
@@ -110,35 +114,26 @@ def _current_manifest(out: str | Path, params: PrepareParams, fingerprint: str) 
         return None
     same = (manifest.get("params") == dataclasses.asdict(params)
             and manifest.get("inputs_fingerprint") == fingerprint)
-    if not same:
-        return None
-    readable = rejects_that_prepare_now(out, params)
-    if readable:
-        say("prepare", f"{len(readable)} image(s) of {out} that could not be read last time read now "
-                       f"({', '.join(readable[:5])}): preparing the set again")
-        return None
-    return manifest
+    return manifest if same else None
 
 
-def rejects_that_prepare_now(out: str | Path, params: PrepareParams, look_at: int = 20) -> list[str]:
+def rejects_that_prepare_now(out: str | Path, params: PrepareParams, tried_before: list[str],
+                             look_at: int = 5) -> list[str]:
     """Ids of rejects for a reason other than the file's contents (:data:`RETRIED_KINDS`: the
-    system failed to read it, or drray failed on it) that prepare now. Only the first
-    ``look_at`` are tried: a set of unreadable files (a folder without read permission) costs a
-    look at a few, and one that reads now is reason enough to prepare again."""
+    system failed to read it, or drray failed on it) that the pipeline's own function prepares
+    now. Each is tried once per set of inputs (``tried_before``: the ids whose reading again made
+    this set; they fail in the pipeline though not here, so trying again would redo the set on
+    every run), and only the first ``look_at``: a folder without read permission costs a look at
+    a few, and one that reads now is reason enough to prepare the set again."""
     import pyarrow.parquet as pq
 
     path = Path(out) / "rejects.parquet"
     if not path.is_file():
         return []
-    rows = [r for r in pq.read_table(path).to_pylist() if r["kind"] in RETRIED_KINDS and r["path"]]
-    readable = []
-    for row in rows[:look_at]:
-        try:
-            prepare_fundus(row["path"], params.size, params.max_pixels, params.mask_outside)
-        except Exception:  # noqa: BLE001 - still failing, for whatever reason: the reject stands
-            continue
-        readable.append(row["image_id"])
-    return readable
+    skip = set(tried_before)
+    rows = [{"image_id": r["image_id"], "path": r["path"]} for r in pq.read_table(path).to_pylist()
+            if r["kind"] in RETRIED_KINDS and r["path"] and r["image_id"] not in skip]
+    return [r["image_id"] for r in prepare_rows(rows[:look_at], params).to_pylist() if r["kind"] is None]
 
 
 def _with_splits(items: list[InputItem], partition: str | None, test_fraction: float | None,
@@ -184,24 +179,26 @@ def ensure_prepared(name: str, ds: DatasetConfig, cfg: Config) -> dict:
 
 @contextlib.contextmanager
 def preparation_lock(prepared: Path, name: str, notice_after_s: float = 5.0):
-    """Hold the lock of one prepared folder (``.<name>.lock`` beside it); say so when waiting."""
+    """Hold the lock of one prepared folder (``.<folder name>.lock`` beside it); say so when waiting."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(prepared.parent / f".{prepared.name}.lock"))
+    lock, locked = FileLock(str(prepared.parent / f".{prepared.name}.lock")), True
     try:
         prepared.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=notice_after_s)
-    except PermissionError:  # a prepared set on a read-only share: nobody writes it, nothing to order
-        log.info("no lock for %s (its folder is not writable): preparing without one", prepared)
-        yield
-        return
-    except Timeout:
+    except Timeout:  # before OSError, of which it is one
         say("prepare", f"waiting for another job preparing data.{name} into {prepared} (lock {lock.lock_file})")
         lock.acquire()
+    except OSError as exc:  # a prepared set on a read-only share: nobody writes it, nothing to order
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        log.info("no lock for %s (its folder is not writable: %s): preparing without one", prepared, exc.strerror)
+        locked = False
     try:
         yield
     finally:
-        lock.release()
+        if locked:
+            lock.release()
 
 
 def synthesise(images: Path, spec) -> None:
@@ -257,8 +254,9 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
                     source: str, images: str, label_files: list[Path], id_from: str = "stem",
                     duplicate_label_rows: int = 0, inputs_fingerprint: str = "",
                     batch_size: int = 16, rows_per_shard: int = 500, num_cpus: int | None = None,
-                    progress: ProgressFn | None = None) -> dict:
-    """Prepare every input item into ``out``; return the manifest.
+                    progress: ProgressFn | None = None, retried_rejects: list[str] | None = None) -> dict:
+    """Prepare every input item into ``out``; return the manifest. ``retried_rejects``: the
+    earlier rejects that read now, the reason for this preparation (:func:`rejects_that_prepare_now`).
 
     Shards are kept small (``rows_per_shard``): a shard is the unit that training reads in
     random order, so smaller shards shuffle a large pool better at no cost in memory.
@@ -304,6 +302,7 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
             shards=shards, duplicate_label_rows=duplicate_label_rows, started=started,
             content_hash=_content_hash(shards), inputs_fingerprint=inputs_fingerprint, timing=timing,
         )
+        manifest["retried_rejects"] = sorted(retried_rejects or [])
         if not prepared_rows:
             _keep_previous_if_good(out, manifest)
         atomic_write_json(tmp / MANIFEST, manifest)  # written last: its presence means complete

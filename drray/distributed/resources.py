@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Half a CPU per data task: two tasks share each CPU left free by the training workers, so one
-# decodes while the other waits on the object store or the scheduler (measured in bench/train).
+# decodes while the other waits on the object store or the scheduler (measured in bench/train);
+# inference's tasks only read shards (its actors decode), and keep the same share.
 DATA_TASK_CPUS = 0.5
 
 

@@ -8,7 +8,7 @@ fills a 1-GPU workstation and an 8-GPU node alike.
   tasks' share, drray.distributed.resources), and a count that divides the stage's global batch
   (DDP needs equal per-worker batches).
 - Inference with ``use_gpu``: one model actor per GPU. Without: as many CPU actors as leave the
-  decode tasks their share.
+  shard-reading tasks their share (the actors decode their own batches).
 
 A job that shares the cluster with others (a sweep's concurrent trials) counts its share only
 (``Config.share``). The resolved count goes into the stage's plan (done.json); the stage's key
@@ -88,7 +88,7 @@ def inference_actors(concurrency: int | str, cpus_per_actor: float, use_gpu: boo
                              f"job: run it on GPU nodes, or set {what}.use_gpu=false")
         fits = min(fits, int(shape.gpus))
     if fits < 1:
-        raise ValueError(f"{what}.concurrency is auto, but one actor's {cpus_per_actor:g} CPUs and the decode "
+        raise ValueError(f"{what}.concurrency is auto, but one actor's {cpus_per_actor:g} CPUs and the read "
                          f"tasks' {DATA_TASK_CPUS:g} do not fit the {shape.cpus:g} CPUs this job has: "
                          f"lower {what}.cpus_per_actor")
     log.info("%s.concurrency auto: %d actor(s)", what, fits)

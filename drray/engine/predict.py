@@ -9,7 +9,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from drray.data.transforms import normalise
 from drray.engine.loop import autocast, to_device
 
 
@@ -22,7 +21,7 @@ def predict_batch(model: torch.nn.Module, images, *, device: torch.device, dtype
     by nvJPEG), and its penultimate features: with ``features`` True every row's (B, D), with a
     boolean mask of the rows only theirs (a t-SNE's sample), else None; nothing more leaves the
     device. The model must be in eval mode."""
-    x = _model_input(images, device, channels_last)
+    x = to_device({"image": images}, device, channels_last)["image"]  # a GPU tensor stays where it is
     with autocast(device, dtype):
         penultimate = model.features(x)
         logits = model.head(penultimate)
@@ -32,13 +31,6 @@ def predict_batch(model: torch.nn.Module, images, *, device: torch.device, dtype
     if features is not True:
         penultimate = penultimate[torch.as_tensor(np.asarray(features, bool), device=penultimate.device)]
     return probs, penultimate.float().cpu().numpy()
-
-
-def _model_input(images, device: torch.device, channels_last: bool) -> torch.Tensor:
-    if not (isinstance(images, torch.Tensor) and images.is_cuda):
-        return to_device({"image": images}, device, channels_last)["image"]
-    x = normalise(images)  # on the GPU already: there is nothing to move (nor to pin)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()

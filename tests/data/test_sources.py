@@ -320,7 +320,8 @@ def test_a_messidor2_exam_file_groups_its_images(monkeypatch, tmp_path):
 
 
 def failing_reads(monkeypatch, failures: dict[str, list[int]]):
-    """Image.open fails for the named files with each errno of their list in turn, then reads."""
+    """Image.open fails for the named files with each errno of their list in turn (0: reads),
+    then reads."""
     import drray.data.fundus as fundus
 
     real_open, calls = fundus.Image.open, []
@@ -328,8 +329,7 @@ def failing_reads(monkeypatch, failures: dict[str, list[int]]):
     def open_(path, *args, **kwargs):
         calls.append(os.path.basename(path))
         pending = failures.get(os.path.basename(path))
-        if pending:
-            code = pending.pop(0)
+        if pending and (code := pending.pop(0)):
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, *args, **kwargs)
 
@@ -363,19 +363,28 @@ def test_a_read_that_fails_for_a_passing_reason_is_tried_again(monkeypatch, tmp_
 
 def test_a_reject_that_reads_now_is_prepared_on_the_next_run(monkeypatch, tmp_path, capsys):
     """A set whose inputs did not change is kept, unless an image that the system failed to
-    read last time reads now: then it is prepared again (once the permission was fixed, say)."""
+    read last time reads now: then it is prepared again (once the permission was fixed, say),
+    once: an image that reads in that look but fails in the pipeline again is not looked at on
+    every later run (each would prepare the whole set again)."""
     import errno
 
     images, out = two_eyes(tmp_path), tmp_path / "out"
-    failing_reads(monkeypatch, {"11_left.jpeg": [errno.EACCES, errno.EACCES]})
+    calls = failing_reads(monkeypatch, {"11_left.jpeg": [errno.EACCES, errno.EACCES, 0, errno.EACCES, 0]})
     prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], out)
-    again = dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
-                              params=PrepareParams(size=32), reuse_current=True)
-    assert again.get("reused") is True  # still unreadable: the set stands
-    now = dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
-                            params=PrepareParams(size=32), reuse_current=True)
-    assert "reused" not in now and now["counts"]["prepared"] == 3 and now["counts"]["rejected"] == 0
-    assert "1 image(s) of" in (said := capsys.readouterr().err) and "read now (11_left): preparing the set again" in said
+
+    def rerun():
+        return dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
+                                 params=PrepareParams(size=32), reuse_current=True)
+
+    assert rerun().get("reused") is True  # still unreadable: the set stands
+    again = rerun()  # reads in the look, fails in the pipeline
+    assert "reused" not in again and again["counts"]["rejected"] == 1 and again["retried_rejects"] == ["11_left"]
+    assert "read now (11_left): preparing the set again" in capsys.readouterr().err
+    looked = calls.count("11_left.jpeg")
+    assert rerun().get("reused") is True and calls.count("11_left.jpeg") == looked  # not looked at again
+    (images / "train" / "11_left.jpeg").touch()  # new inputs: every reject gets its look again
+    now = rerun()
+    assert now["counts"]["prepared"] == 3 and now["counts"]["rejected"] == 0 and now["retried_rejects"] == []
 
 
 def test_an_input_lost_on_its_way_fails_the_preparation_and_keeps_the_set(monkeypatch, tmp_path):

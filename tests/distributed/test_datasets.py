@@ -110,3 +110,18 @@ def test_a_large_pool_streams_fewer_epochs_per_pass():
     assert epochs_per_pass(100, 57_146) == 1 and epochs_per_pass(100, 200_000) == 1
     assert epochs_per_pass(100, 2_899) == 10  # the demo pool: ten a pass, as before
     assert epochs_per_pass(100, 48) == 42 and epochs_per_pass(3, 48) == 3  # a small labeled subset: more
+
+
+def test_a_semi_supervised_pass_is_counted_in_its_whole_pool():
+    """FixMatch's epoch is pool/mu labeled batches, while its unlabeled stream reads the whole
+    pool an epoch: its passes are sized by the pool (the paper's 57k images with mu 7: one
+    epoch a pass, not the six that 57k/7 rows alone would allow, ~10 GB waiting shuffled)."""
+    from drray.config import load_config
+    from jobs import common
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "ci.yaml", ["fixmatch.epochs=100"])
+    _, r = common.resolved(cfg, "fixmatch")
+    plan = common.fit_plan(cfg, r, spec=None, method=None, n_rows=57_146 // 7, streamed_rows=57_146,
+                           scaling=r.stage.config(cfg).scaling)
+    assert plan.epochs_per_pass == 1 and plan.steps_per_epoch == 57_146 // 7 // 8
