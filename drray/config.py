@@ -342,6 +342,16 @@ class Table1Config:
 
 
 @dataclass(frozen=True)
+class ClusterShare:
+    """How much of the Ray cluster one job may fill: 1/``jobs`` of it (a sweep's concurrent
+    trials share it evenly), less the CPUs its own process already holds there (a Ray Tune
+    trial's ``sweep.trial_cpus``)."""
+
+    jobs: int = 1
+    reserved_cpus: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -364,9 +374,9 @@ class Config:
     source_file: str = field(default="", compare=False, metadata={"internal": True})
     # The --set overrides laid over the file, as (dotted key, "key=value"): for error messages.
     overrides: tuple[tuple[str, str], ...] = field(default=(), compare=False, metadata={"internal": True})
-    # How many jobs share the Ray cluster evenly (a sweep's concurrent trials): "auto" worker and
-    # actor counts take this job's share (drray.distributed.scaling). Not a YAML key.
-    share: int = field(default=1, compare=False, metadata={"internal": True})
+    # This job's share of the Ray cluster, which "auto" worker and actor counts fill
+    # (drray.distributed.scaling): all of it, or a sweep trial's. Not a YAML key.
+    share: ClusterShare = field(default_factory=ClusterShare, compare=False, metadata={"internal": True})
 
     def origin(self) -> Origin:
         return Origin(self.source_file or "<config>", dict(self.overrides))

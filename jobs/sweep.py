@@ -26,7 +26,7 @@ from pathlib import Path
 
 from drray import report
 from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
-from drray.config import Config, run_dir, stages_dir, to_dict
+from drray.config import ClusterShare, Config, run_dir, stages_dir, to_dict
 from drray.distributed.resources import Demand, inference_demand, training_demand
 from drray.distributed.scaling import (
     ClusterShape,
@@ -65,14 +65,20 @@ def grid(cfg: Config) -> list[dict]:
     return trials
 
 
-def trial_config(base: Config, trial: dict, share: int = 1) -> Config:
+def trial_config(base: Config, trial: dict, share: ClusterShare | None = None) -> Config:
     """The base config with the trial's labels, its own run dir and the sweep's stage cache."""
     labels = dataclasses.replace(base.labels, fraction=trial["fraction"], count=trial["count"], seed=trial["seed"])
     run = dataclasses.replace(base.run, dir=str(trial_dir(base, trial["name"])),
                               stages=str(stages_dir(base).resolve()))
-    # ``share``: trials sharing the Ray cluster (Tune's concurrent ones; a SLURM array task has a
-    # cluster of its own): "auto" worker counts take one trial's part, as check_sweep_fits counts
-    return dataclasses.replace(base, labels=labels, run=run, share=share)
+    # ``share``: a Tune trial's part of the cluster (tune_share); a SLURM array task has a cluster
+    # of its own. "auto" worker counts take it, as check_sweep_fits counts.
+    return dataclasses.replace(base, labels=labels, run=run, share=share or ClusterShare())
+
+
+def tune_share(cfg: Config) -> ClusterShare:
+    """A Tune trial's part of the cluster: one of the concurrent trials' equal parts, less the
+    CPUs its own actor holds (sweep.trial_cpus)."""
+    return ClusterShare(cfg.sweep.concurrent_trials, cfg.sweep.trial_cpus)
 
 
 def trial_dir(base: Config, name: str) -> Path:
@@ -111,7 +117,8 @@ def check_sweep_fits(cfg: Config, cluster: ClusterShape) -> None:
     """Fail before Tune starts, saying what is missing: Tune would wait forever for trials
     (or their Train workers) that the cluster cannot place."""
     n = cfg.sweep.concurrent_trials
-    one = trial_demand(cfg, cluster.share(n))
+    share = tune_share(cfg)
+    one = trial_demand(cfg, cluster.share(share.jobs, share.reserved_cpus))
     capacity = cluster.capacity
     need = one.times(n)
     fit = int(min(capacity.cpus // one.cpus if one.cpus else n,
@@ -136,12 +143,12 @@ def trial(config: dict, base: Config, cwd: str, experiment: str) -> dict:
     from ray import tune
 
     os.chdir(cwd)  # Tune starts trials in a directory of their own; the config's paths are relative to cwd
-    finished = run_trial(base, config["trial"], experiment, share=base.sweep.concurrent_trials,
+    finished = run_trial(base, config["trial"], experiment, share=tune_share(base),
                          on_stage=lambda name, status: tune.report({"stage": name, "status": status}))
     return {"stage": "trial", "status": "finished", "seconds": finished["seconds"]}
 
 
-def run_trial(base: Config, spec: dict, experiment: str, on_stage=None, share: int = 1) -> dict:
+def run_trial(base: Config, spec: dict, experiment: str, on_stage=None, share: ClusterShare | None = None) -> dict:
     """The pipeline at the trial's labels; its progress goes to trial.log. A trial that already
     finished for this experiment (its trial.json says so) returns at once: Tune saves its own
     state every ~10 s, so a sweep killed just after a trial ended would otherwise run that trial

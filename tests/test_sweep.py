@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from drray.config import ConfigError, load_config
+from drray.config import ClusterShare, ConfigError, load_config
 from drray.distributed.resources import Demand
 from drray.distributed.scaling import ClusterShape
 from drray.report import sweep_summary
@@ -94,9 +94,21 @@ def test_auto_workers_take_one_trials_share_of_the_gpus():
     eight_gpus = ClusterShape(64, 8, 1)
     assert sweep.trial_demand(cfg, eight_gpus.share(2)).gpus == 4  # 4 workers, 4 actors per trial
     sweep.check_sweep_fits(cfg, eight_gpus)  # two trials of 4 GPUs fit 8
-    trial = sweep.trial_config(cfg, sweep.grid(cfg)[0], share=2)  # as a Tune trial gets it
-    assert trial.share == 2 and trial.distill.scaling.num_workers == "auto"  # resolved in the trial, from its share
-    assert sweep.trial_config(cfg, sweep.grid(cfg)[0]).share == 1  # a SLURM array task: a cluster of its own
+    trial = sweep.trial_config(cfg, sweep.grid(cfg)[0], share=sweep.tune_share(cfg))  # as a Tune trial gets it
+    assert trial.share == ClusterShare(2, 0.5) and trial.distill.scaling.num_workers == "auto"  # resolved in the trial
+    assert sweep.trial_config(cfg, sweep.grid(cfg)[0]).share == ClusterShare()  # a SLURM array task: a cluster of its own
+
+
+def test_auto_counts_leave_a_trial_its_own_cpus():
+    """16 CPUs, 2 trials, each trial's actor holding 2: "auto" CPU inference fills the 6 CPUs
+    left of its half (5 actors and the read tasks' 0.5), so the sweep fits what auto sized
+    (it filled all 8 before, and the check then refused its own choice)."""
+    cfg = load_config(SWEEP_CI, ["sweep.concurrent_trials=2", "sweep.trial_cpus=2", "pseudolabel.concurrency=auto",
+                                 "evaluate.concurrency=auto"])
+    share = sweep.tune_share(cfg)
+    one = sweep.trial_demand(cfg, cpus(16).share(share.jobs, share.reserved_cpus))
+    assert one.cpus == 2 + 5.5 and one.cpus <= 8
+    sweep.check_sweep_fits(cfg, cpus(16))
 
 
 def cpus(n: float) -> ClusterShape:

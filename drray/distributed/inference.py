@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from drray.config import ClusterShare
 from drray.data.shards import shard_paths
 from drray.distributed.datasets import Selection, select_rows
 from drray.distributed.resources import DATA_TASK_CPUS, check_fits, inference_demand
@@ -42,7 +43,7 @@ class Inference:
     precision: str = "auto"
 
     @classmethod
-    def of(cls, section, what: str, share: int = 1) -> Inference:
+    def of(cls, section, what: str, share: ClusterShare | None = None) -> Inference:
         """From a config section (``what``: its name, for errors); ``concurrency: auto`` becomes
         one actor per GPU of this job's ``share`` of the Ray cluster (drray.distributed.scaling)."""
         from drray.distributed.scaling import AUTO, cluster_shape, inference_actors

@@ -10,8 +10,8 @@ fills a 1-GPU workstation and an 8-GPU node alike.
 - Inference with ``use_gpu``: one model actor per GPU. Without: as many CPU actors as leave the
   shard-reading tasks their share (the actors decode their own batches).
 
-A job that shares the cluster with others (a sweep's concurrent trials) counts its share only
-(``Config.share``). The resolved count goes into the stage's plan (done.json); the stage's key
+A job that shares the cluster with others (a sweep's concurrent trials) counts its share only,
+less what its own process holds there (``Config.share``). The resolved count goes into the stage's plan (done.json); the stage's key
 keeps "auto", so the same stage found again on another allocation is reused, not retrained.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from drray.config import ScalingConfig
+from drray.config import ClusterShare, ScalingConfig
 from drray.distributed.resources import DATA_TASK_CPUS, Demand
 
 log = logging.getLogger(__name__)
@@ -36,22 +36,26 @@ class ClusterShape:
     gpus: float
     nodes: int
 
-    def share(self, jobs: int) -> ClusterShape:
+    def share(self, jobs: int, reserved_cpus: float = 0.0) -> ClusterShape:
+        """One of ``jobs`` equal shares, less ``reserved_cpus`` the job's own process holds."""
         jobs = max(1, jobs)
-        return ClusterShape(self.cpus / jobs, self.gpus // jobs, max(1, self.nodes // jobs))
+        return ClusterShape(max(0.0, self.cpus / jobs - reserved_cpus), self.gpus // jobs, max(1, self.nodes // jobs))
 
     @property
     def capacity(self) -> Demand:
         return Demand(self.cpus, self.gpus)
 
 
-def cluster_shape(share: int = 1) -> ClusterShape:
-    """The running Ray cluster's alive nodes, CPUs and GPUs, divided among ``share`` jobs."""
+def cluster_shape(share: ClusterShare | None = None) -> ClusterShape:
+    """This job's ``share`` (``Config.share``; default: all) of the running Ray cluster's alive
+    nodes, CPUs and GPUs."""
     import ray
 
+    share = share or ClusterShare()
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     total = ray.cluster_resources()
-    return ClusterShape(total.get("CPU", 0.0), total.get("GPU", 0.0), max(1, len(nodes))).share(share)
+    whole = ClusterShape(total.get("CPU", 0.0), total.get("GPU", 0.0), max(1, len(nodes)))
+    return whole.share(share.jobs, share.reserved_cpus)
 
 
 def training_workers(scaling: ScalingConfig, global_batch: int, what: str, shape: ClusterShape) -> ScalingConfig:

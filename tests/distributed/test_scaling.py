@@ -111,9 +111,12 @@ def test_channels_last_is_the_models_layout():
 
 @pytest.mark.ray
 def test_inference_auto_concurrency_takes_the_running_clusters_cpus(ray_session):
-    from drray.config import InferenceConfig
+    from drray.config import ClusterShare, InferenceConfig
     from drray.distributed.inference import Inference
 
-    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel").concurrency == 3  # 4 CPUs - 0.5 decode
-    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel", share=2).concurrency == 1
+    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel").concurrency == 3  # 4 CPUs - 0.5 reads
+    assert Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel", share=ClusterShare(2)).concurrency == 1
+    # a trial whose own process holds 1 of its 2 CPUs: no room left for an actor and the reads
+    with pytest.raises(ValueError, match="do not fit the 1 CPUs"):
+        Inference.of(InferenceConfig(concurrency="auto"), "pseudolabel", share=ClusterShare(2, 1.0))
     assert Inference.of(InferenceConfig(concurrency=2), "evaluate").concurrency == 2
