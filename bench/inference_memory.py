@@ -76,7 +76,9 @@ RATES = r"""
 import json, sys, time
 import numpy as np, ray, torch
 from drray.config import load_config
-from drray.distributed.datasets import Selection, read_selected, to_model_inputs
+from drray.data.selection import select_rows
+from drray.distributed.datasets import Selection, read_rows, to_model_inputs
+from drray.data.shards import shard_paths
 from drray.distributed import inference as inf
 from drray.distributed.resources import DATA_TASK_CPUS
 from drray.distributed.runtime import ensure_ray
@@ -104,12 +106,19 @@ def decoded_to_actor(rows):
 
 
 def shard_reads_decode_in_tasks():
-    rows = inf.read_rows(selection, inf.READ_TASKS_PER_ACTOR * inference.concurrency)
+    rows = read_rows(selection.rows, inf.READ_TASKS_PER_ACTOR * inference.concurrency)
     return inf.limit_object_store(decoded_to_actor(rows), inf.object_store_budget([selection], inference))
 
 
+def read_parquet_rows():  # drray's reads before issue 14's inference work
+    paths = [str(p) for p in shard_paths(selection.prepared)]
+    ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
+    return ds.map_batches(select_rows, fn_kwargs={"rows": selection.rows}, batch_size=256, batch_format="pyarrow",
+                          num_cpus=DATA_TASK_CPUS)
+
+
 PIPELINES = {
-    "before: read_parquet, decode in tasks": lambda: decoded_to_actor(read_selected(selection)),
+    "before: read_parquet, decode in tasks": lambda: decoded_to_actor(read_parquet_rows()),
     "shard reads + budget, decode in tasks": shard_reads_decode_in_tasks,
     "drray: shard reads + budget, decode in the actor": lambda: inf.predictions({None: selection}, models, inference),
 }

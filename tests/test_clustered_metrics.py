@@ -13,7 +13,8 @@ from scipy.stats import norm
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 
 from drray.config import Config
-from drray.distributed.datasets import Selection, select_rows
+from drray.data.selection import select_rows
+from drray.distributed.datasets import Selection
 from drray.distributed.inference import prob_column
 from drray.metrics import (
     _rank_auc,
@@ -336,9 +337,9 @@ def test_a_selection_with_patients_carries_a_patient_id_column():
                       "split": ["test", "test", "train"]})
     sel = Selection.clean("/tmp", 32, split="test", targets={"1_left": 1.0, "1_right": 0.0},
                           patients={"1_left": "1", "1_right": "1"})
-    rows = select_rows(batch, sel)
+    rows = select_rows(batch, sel.rows)
     assert rows.column("patient_id").to_pylist() == ["1", "1"] and rows.column("target").to_pylist() == [1.0, 0.0]
-    assert "patient_id" not in select_rows(batch, Selection.clean("/tmp", 32, split="test")).column_names
+    assert "patient_id" not in select_rows(batch, Selection.clean("/tmp", 32, split="test").rows).column_names
 
 
 def prepared_set(root, rejects: list[dict]):

@@ -110,3 +110,14 @@ def test_the_test_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from jobs import distill\n    import drray.config\n")
     found = imports_of(source, {"jobs", "jobs.distill", "drray", "drray.config"})
     assert found == {"jobs", "jobs.distill", "drray.config"}
+
+
+def test_a_read_task_imports_no_torch():
+    """Ray Data's read tasks import their function's module in every worker: the shard reads'
+    module (drray.data.selection) must not pull in torch (~350 MB a worker)."""
+    import subprocess
+    import sys
+
+    code = "import sys, drray.data.selection; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

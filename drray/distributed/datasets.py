@@ -5,11 +5,11 @@ are made from it in the training loop, on the worker's device (drray.methods.bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from drray.data.selection import Rows, read_shards
 from drray.data.shards import shard_paths
 from drray.data.transforms import decode_batch
 from drray.distributed.resources import DATA_TASK_CPUS
@@ -18,42 +18,29 @@ from drray.methods import CleanImage, Views
 
 @dataclass(frozen=True)
 class Selection:
-    """Which rows of a prepared set, and the views the training loop makes of them (the stream
-    ships the decoded images under ``views.source``)."""
+    """Which rows of a prepared set (:class:`drray.data.selection.Rows`: ``prepared``, ``split``,
+    ``targets``, ``patients``), and the views the training loop makes of them (the stream ships
+    the decoded images under ``views.source``)."""
 
     prepared: str
     views: Views
     size: int  # the prepared image side (the shape of an empty batch)
     split: str | None = "train"
-    targets: dict[str, float] | None = None  # image_id -> target; rows without one are left out
-    # image_id -> patient_id, carried as a patient_id column (evaluation: per-patient metrics)
+    targets: dict[str, float] | None = None
     patients: dict[str, str] | None = None
 
+    @property
+    def rows(self) -> Rows:
+        """The rows alone, which is what a read task gets (without the views: no torch there)."""
+        return Rows(self.prepared, self.split, self.targets, self.patients)
+
     def __post_init__(self):
-        # absolute: the rows are read wherever the stream is built (a Ray worker has its own cwd)
-        object.__setattr__(self, "prepared", str(Path(self.prepared).resolve()))
+        object.__setattr__(self, "prepared", self.rows.prepared)  # absolute, as Rows makes it
 
     @classmethod
     def clean(cls, prepared: str, size: int, **rows) -> Selection:
         """The images as prepared: validation, evaluation, inference."""
         return cls(prepared, CleanImage(), size, **rows)
-
-
-def select_rows(batch: pa.Table, selection: Selection) -> pa.Table:
-    """This selection's rows of a shard batch (split and target filter), with their targets (and
-    patients, when the selection has them)."""
-    ids = batch.column("image_id").to_pylist()
-    splits = batch.column("split").to_pylist()
-    keep = [i for i, (image_id, split) in enumerate(zip(ids, splits, strict=True))
-            if (selection.split is None or split == selection.split)
-            and (selection.targets is None or image_id in selection.targets)]
-    out = batch.select(["image_id", "image"]).take(pa.array(keep, pa.int64()))
-    if selection.targets is not None:
-        targets = [selection.targets[ids[i]] for i in keep]
-        out = out.append_column("target", pa.array(targets, pa.float32()))
-    if selection.patients is not None:
-        out = out.append_column("patient_id", pa.array([selection.patients[ids[i]] for i in keep], pa.string()))
-    return out
 
 
 def to_model_inputs(batch: pa.Table, selection: Selection) -> dict[str, np.ndarray]:
@@ -84,31 +71,35 @@ def repeat(ds, times: int):
     return ds.union(*[ds] * (times - 1)) if times > 1 else ds
 
 
-def read_selected(selection: Selection):
-    """The selection's rows (image_id, image bytes, target) of its prepared shards."""
+def read_rows(rows: Rows, tasks: int):
+    """``rows`` of their prepared set (ids, encoded images, targets: select_rows), one task and
+    one block per shard of the manifest's list, at most ``tasks`` at once (and no more than there
+    are shards). Not ray.data.read_parquet: its Parquet reader (Ray 2.60) starts 32
+    footer-reading actors for a few hundred files (~100 MB each here) and packs up to 128 MiB of
+    rows into one read task (100,000 rows of a 32 px pool), which made memory grow with the pool."""
     import ray
 
-    paths = [str(p) for p in shard_paths(selection.prepared)]
-    ds = ray.data.read_parquet(paths).select_columns(["image_id", "image", "split"])
-    return ds.map_batches(select_rows, fn_kwargs={"selection": selection}, batch_size=256,
-                          batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    paths = [str(p) for p in shard_paths(rows.prepared)]
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(len(paths), 1)).map_batches(
+        read_shards, fn_kwargs={"rows": rows}, batch_size=1, batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(tasks, len(paths)))), num_cpus=DATA_TASK_CPUS)
 
 
 # A selection of at most this many rows (a labeled subset, a validation set) is read by the
 # driver: a Ray Data read costs ~3.5 s of pipeline start-up here, more than reading the shards.
 DRIVER_READ_MAX_ROWS = 5000
+# Shards a training stream reads at once (once per stage: the rows stay in the object store).
+TRAINING_READ_TASKS = 4
 
 
 def _read_once(selection: Selection):
     """The selection's encoded rows, read once, as a materialised Ray Dataset."""
-    import pyarrow.parquet as pq
     import ray
 
     if selection.targets is None or len(selection.targets) > DRIVER_READ_MAX_ROWS:
-        return read_selected(selection).materialize()
-    columns = ["image_id", "image", "split"]
-    parts = [select_rows(pq.read_table(path, columns=columns), selection) for path in shard_paths(selection.prepared)]
-    return ray.data.from_arrow(pa.concat_tables(parts)).materialize()
+        return read_rows(selection.rows, TRAINING_READ_TASKS).materialize()
+    paths = pa.table({"path": [str(p) for p in shard_paths(selection.prepared)]})
+    return ray.data.from_arrow(read_shards(paths, selection.rows)).materialize()
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,14 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from drray.config import ClusterShare
+from drray.data.selection import WANTS_FEATURES, label_rows
 from drray.data.shards import shard_paths
-from drray.distributed.datasets import Selection, select_rows
+from drray.distributed.datasets import Selection, read_rows
 from drray.distributed.resources import DATA_TASK_CPUS, check_fits, inference_demand
 
 DECODE_ERROR = "decode_error"  # output column: why a row's image could not be decoded ("" when it was)
-WANTS_FEATURES = "wants_features"  # input column: the rows whose penultimate features are asked for
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -179,44 +178,9 @@ def _feature_cells(feats: np.ndarray | None, decoded: np.ndarray, wants) -> np.n
     return cells
 
 
-def label_rows(batch: pa.Table, tag: str | None, feature_ids: frozenset[str] | None) -> pa.Table:
-    """A set's selected rows with its ``test_set`` tag (when it has one) and, when features are
-    asked for in the pipeline, ``wants_features``: true for the rows in ``feature_ids``. Every
-    set gets that column then, an empty ``feature_ids`` for a set none of whose rows want them,
-    so that all blocks share a schema."""
-    if tag is not None:
-        batch = batch.append_column("test_set", pa.array([tag] * batch.num_rows, pa.string()))
-    if feature_ids is not None:
-        wanted = [image_id in feature_ids for image_id in batch.column("image_id").to_pylist()]
-        batch = batch.append_column(WANTS_FEATURES, pa.array(wanted, pa.bool_()))
-    return batch
-
-
 # Shards read at once per model actor: a shard (a few hundred rows) reads in tens of ms, far
-# faster than an actor predicts it, and every read worker imports torch (with drray's selection
-# code: ~350 MB each here), so Ray Data's default, as many reads as free CPUs, only cost memory.
+# faster than an actor predicts it; more reads at once would only hold more rows in memory.
 READ_TASKS_PER_ACTOR = 2
-
-
-def read_rows(selection: Selection, tasks: int):
-    """The selection's rows (drray.distributed.datasets.select_rows: ids, encoded images, targets),
-    one task and one block per shard of the manifest's list, at most ``tasks`` at once. Not
-    ray.data.read_parquet: its Parquet reader (Ray 2.60) starts 32 footer-reading actors for a
-    few hundred files (~100 MB each here) and packs up to 128 MiB of rows into one read task
-    (100,000 rows of a 32 px pool), which made memory grow with the pool."""
-    import ray
-
-    paths = [str(p) for p in shard_paths(selection.prepared)]
-    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(len(paths), 1)).map_batches(
-        _read_shards, fn_kwargs={"selection": selection}, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=tasks), num_cpus=DATA_TASK_CPUS)
-
-
-def _read_shards(paths: pa.Table, selection: Selection) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([select_rows(pq.read_table(path, columns=["image_id", "image", "split"]), selection)
-                             for path in paths.column("path").to_pylist()])
 
 
 def _inputs(selection: Selection, tag: str | None, feature_ids: frozenset[str] | None, tasks: int):
@@ -224,8 +188,7 @@ def _inputs(selection: Selection, tag: str | None, feature_ids: frozenset[str] |
     the same tasks that read them (Ray Data fuses the two maps)."""
     import ray
 
-    tasks = max(1, min(tasks, len(shard_paths(selection.prepared))))  # no more tasks than shards
-    rows = read_rows(selection, tasks)
+    rows = read_rows(selection.rows, tasks)
     if tag is None and feature_ids is None:
         return rows
     return rows.map_batches(label_rows, fn_kwargs={"tag": tag, "feature_ids": feature_ids}, batch_format="pyarrow",

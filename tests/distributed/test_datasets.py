@@ -7,8 +7,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from drray.data.selection import select_rows
 from drray.data.transforms import AugmentSpec
-from drray.distributed.datasets import Selection, select_rows, to_model_inputs
+from drray.distributed.datasets import Selection, to_model_inputs
 from drray.methods import CleanImage, NoisyImage
 from drray.methods.simclr import SimCLRViews
 
@@ -29,23 +30,23 @@ def shard_batch():
 
 def test_select_rows_filters_split_and_targets():
     selection = Selection("unused", NoisyImage(), 32, split="train", targets={"a": 1.0, "c": 0.0, "d": 0.0})
-    out = select_rows(shard_batch(), selection)
+    out = select_rows(shard_batch(), selection.rows)
     assert out.column("image_id").to_pylist() == ["a", "d"]  # c is test, b has no target
     assert out.column("target").to_pylist() == [1.0, 0.0]
 
 
 def test_select_rows_without_targets_keeps_the_split():
-    out = select_rows(shard_batch(), Selection("unused", SimCLRViews(AugmentSpec(size=32)), 32, split="train"))
+    out = select_rows(shard_batch(), Selection("unused", SimCLRViews(AugmentSpec(size=32)), 32, split="train").rows)
     assert out.column("image_id").to_pylist() == ["a", "b", "d"] and "target" not in out.column_names
 
 
 def test_model_inputs_for_each_mode():
-    rows = select_rows(shard_batch(), Selection("unused", CleanImage(), 32, split=None, targets={"a": 1.0, "b": 0.0}))
+    rows = select_rows(shard_batch(), Selection("unused", CleanImage(), 32, split=None, targets={"a": 1.0, "b": 0.0}).rows)
     ev = to_model_inputs(rows, Selection.clean("unused", 32, split=None, targets={"a": 1.0, "b": 0.0}))
     assert ev["image"].shape == (2, 3, 32, 32) and ev["image"].dtype == np.uint8  # normalised on the device
     assert ev["target"].tolist() == [1.0, 0.0] and list(ev["image_id"]) == ["a", "b"]
     simclr = Selection("unused", SimCLRViews(AugmentSpec(size=24)), 32, split="train")
-    shipped = to_model_inputs(select_rows(shard_batch(), simclr), simclr)
+    shipped = to_model_inputs(select_rows(shard_batch(), simclr.rows), simclr)
     assert set(shipped) == {"image_id", "image"} and shipped["image"].dtype == np.uint8  # once, decoded
     views = simclr.views.augment({"image": torch.from_numpy(shipped["image"])}, torch.Generator().manual_seed(0))
     assert set(views) == {"view1", "view2"} and views["view1"].shape == (3, 3, 24, 24)  # made on the device
@@ -55,13 +56,13 @@ def test_the_unlabeled_stream_ships_its_images_under_their_own_key():
     from drray.methods import FixMatch
 
     selection = Selection("unused", FixMatch().unlabeled_views, 32, split="train")
-    shipped = to_model_inputs(select_rows(shard_batch(), selection), selection)
+    shipped = to_model_inputs(select_rows(shard_batch(), selection.rows), selection)
     assert set(shipped) == {"image_id", "u_image"}  # beside the labeled stream's "image" in a zipped batch
 
 
 def test_empty_batch_keeps_the_schema():
     selection = Selection("unused", NoisyImage(), 32, split="val", targets={"a": 1.0})
-    rows = select_rows(shard_batch(), selection)
+    rows = select_rows(shard_batch(), selection.rows)
     out = to_model_inputs(rows, selection)
     assert out["image"].shape == (0, 3, 32, 32) and out["target"].shape == (0,)
 

@@ -16,20 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
+from drray.data.selection import WANTS_FEATURES, label_rows
 from drray.data.transforms import decode_batch
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import (
     DECODE_ERROR,
     MIN_OBJECT_STORE_BUDGET,
     ROWS_IN_FLIGHT_PER_ACTOR,
-    WANTS_FEATURES,
     Inference,
     ModelActor,
     decode_images,
     decode_jpeg_batch,
     features_column,
     features_of,
-    label_rows,
     object_store_budget,
     prob_column,
 )
