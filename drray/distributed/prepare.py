@@ -279,17 +279,26 @@ def prepare_dataset(items: list[InputItem], out: str | Path, params: PreparePara
     with atomic_directory(out, what="prepared-data folder", legacy=PREPARED_LEGACY) as tmp:
         writer = ShardWriter(tmp / "shards", rows_per_shard)
         pipeline_started = time.time()
-        for batch in _run_pipeline(todo, params, batch_size):
-            if "first_batch_s" not in timing:  # worker start-up shows here, not in the rate after
-                timing.update(first_batch_s=round(time.time() - pipeline_started, 2),
-                              first_batch_rows=batch.num_rows)
-            ok = pc.is_null(batch["kind"])
-            good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
-            writer.write(good)
-            prepared_rows.extend(good.select(["image_id", "grade", "split", "patient_id"]).to_pylist())
-            rejects.extend(bad.select(REJECT_SCHEMA.names).to_pylist())
-            if progress:
-                progress(len(prepared_rows) + len(rejects), len(items))
+
+        def take(batches) -> None:
+            for batch in batches:
+                if "first_batch_s" not in timing:  # worker start-up shows here, not in the rate after
+                    timing.update(first_batch_s=round(time.time() - pipeline_started, 2),
+                                  first_batch_rows=batch.num_rows)
+                ok = pc.is_null(batch["kind"])
+                good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
+                writer.write(good)
+                prepared_rows.extend(good.select(["image_id", "grade", "split", "patient_id"]).to_pylist())
+                rejects.extend(bad.select(REJECT_SCHEMA.names).to_pylist())
+                if progress:
+                    progress(len(prepared_rows) + len(rejects), len(items))
+
+        take(_run_pipeline(todo, params, batch_size))
+        returned = {r["image_id"] for r in prepared_rows} | {r["image_id"] for r in rejects}
+        if lost := [row for row in todo if row["image_id"] not in returned]:  # once more, before giving up
+            say("prepare", f"{len(lost)} image(s) did not come back from the pipeline "
+                           f"({', '.join(r['image_id'] for r in lost[:5])}): preparing them again")
+            take(_run_pipeline(lost, params, batch_size))
         shards = writer.close()
         check_accounted_for(items, prepared_rows, rejects, out)
         timing["pipeline_s"] = round(time.time() - pipeline_started, 2)

@@ -387,13 +387,30 @@ def test_a_reject_that_reads_now_is_prepared_on_the_next_run(monkeypatch, tmp_pa
     assert now["counts"]["prepared"] == 3 and now["counts"]["rejected"] == 0 and now["retried_rejects"] == []
 
 
-def test_an_input_lost_on_its_way_fails_the_preparation_and_keeps_the_set(monkeypatch, tmp_path):
+def test_an_input_lost_on_its_way_is_prepared_again_then_fails_the_preparation(monkeypatch, tmp_path, capsys):
+    """A row that does not come back from the pipeline is sent once more; lost again, the
+    preparation fails and the set already there stays as it was."""
     images, out = two_eyes(tmp_path), tmp_path / "out"
     prepare_here(monkeypatch, "eyepacs", images, ["trainLabels.csv"], out)
     before = read_manifest(out)["content_hash"]
-    (images / "train" / "11_left.jpeg").touch()  # inputs changed: prepared again
-    monkeypatch.setattr(dp, "_run_pipeline", lambda todo, params, batch_size: iter([prepare_rows(todo[:-1], params)]))
+    calls = []
+
+    def losing(times):
+        def run(todo, params, batch_size):
+            calls.append([r["image_id"] for r in todo])
+            return iter([prepare_rows(todo[:-1] if len(calls) <= times else todo, params)])
+        return run
+
+    def prepare_again():
+        (images / "train" / "11_left.jpeg").touch()  # inputs changed: prepared again
+        return dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
+                                 params=PrepareParams(size=32), reuse_current=True)
+
+    monkeypatch.setattr(dp, "_run_pipeline", losing(2))
     with pytest.raises(dp.PreparedDataError, match=r"1 input\(s\) came back neither prepared nor rejected \(11_left\)"):
-        dp.prepare_source(source="eyepacs", images=images, labels=["trainLabels.csv"], out=out,
-                          params=PrepareParams(size=32), reuse_current=True)
-    assert read_manifest(out)["content_hash"] == before and len(read_index(out)) == 3
+        prepare_again()
+    assert calls[1] == ["11_left"] and read_manifest(out)["content_hash"] == before and len(read_index(out)) == 3
+    calls.clear()
+    monkeypatch.setattr(dp, "_run_pipeline", losing(1))
+    assert prepare_again()["counts"]["prepared"] == 3 and len(read_index(out)) == 3
+    assert "1 image(s) did not come back from the pipeline (11_left): preparing them again" in capsys.readouterr().err
