@@ -16,7 +16,6 @@ nothing holds the whole pool: memory stays flat as the pool grows (bench/inferen
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +23,11 @@ import numpy as np
 from drray.config import ClusterShare
 from drray.data.selection import WANTS_FEATURES, label_rows
 from drray.data.shards import shard_paths
+from drray.data.transforms import decode_images
 from drray.distributed.datasets import Selection, read_rows
 from drray.distributed.resources import DATA_TASK_CPUS, check_fits, inference_demand
 
 DECODE_ERROR = "decode_error"  # output column: why a row's image could not be decoded ("" when it was)
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
@@ -64,59 +63,6 @@ def features_column(model: str) -> str:
 def features_of(cell: bytes) -> np.ndarray:
     """One row's ``features_<model>`` cell as a float32 vector (empty: none were asked for)."""
     return np.frombuffer(cell, np.float32)
-
-
-def decode_on_cpu(encoded: list[bytes], size: int) -> tuple[np.ndarray, list[str]]:
-    """The images that decode to ``size`` x ``size`` RGB, as uint8 NCHW (in row order), with the
-    training streams' decode (drray.data.transforms.decode_batch), and per row why it could not
-    be decoded ("" for the decoded ones)."""
-    from drray.data.transforms import decode_batch
-
-    try:  # the common case: every image decodes, in one call
-        images = decode_batch(encoded, size)
-        if images.shape[1:] == (3, size, size):
-            return images, [""] * len(encoded)
-    except Exception:  # noqa: BLE001 - a broken image raises whatever its decoder raises; found below
-        pass
-    decoded, errors = [], []
-    for data in encoded:
-        try:
-            image = decode_batch([data], size)
-            error = "" if image.shape[1:] == (3, size, size) else \
-                f"decoded to {image.shape[3]}x{image.shape[2]}, not the prepared {size}x{size}"
-        except Exception as exc:  # noqa: BLE001 - one bad image is that row's outcome, not the job's end
-            error = f"{type(exc).__name__}: {exc}"
-        errors.append(error)
-        if not error:
-            decoded.append(image)
-    return (np.concatenate(decoded) if decoded else decode_batch([], size)), errors
-
-
-def decode_jpeg_batch(encoded: list[bytes], size: int, device):
-    """JPEG images as one uint8 NCHW tensor on ``device``, decoded in one batched call (nvJPEG on
-    a CUDA device). Raises when any image is not a ``size`` x ``size`` JPEG that it can read: no
-    partial results (the caller falls back to the CPU decode, which finds the bad rows)."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in encoded]
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's
-        warnings.simplefilter("ignore", DeprecationWarning)
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    if any(tuple(image.shape) != (3, size, size) for image in images):
-        raise ValueError(f"an image is not {size}x{size}")
-    return torch.stack(images)
-
-
-def decode_images(encoded: list[bytes], size: int, device) -> tuple[object, list[str]]:
-    """A batch's decodable images (uint8 NCHW: a tensor already on a CUDA ``device``, else a
-    numpy array) and per row why it could not be decoded ("" for the decoded ones)."""
-    if device.type == "cuda" and encoded and all(d[:3] == JPEG_MAGIC for d in encoded):
-        try:
-            return decode_jpeg_batch(encoded, size, device), [""] * len(encoded)
-        except (RuntimeError, ValueError):
-            pass  # an image nvJPEG cannot read: the CPU decode says which, and decodes the rest
-    return decode_on_cpu(encoded, size)
 
 
 class ModelActor:

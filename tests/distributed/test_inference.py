@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from drray.data.selection import WANTS_FEATURES, label_rows
-from drray.data.transforms import decode_batch
+from drray.data.transforms import decode_batch, decode_images, decode_jpeg_batch
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import (
     DECODE_ERROR,
@@ -25,8 +25,6 @@ from drray.distributed.inference import (
     ROWS_IN_FLIGHT_PER_ACTOR,
     Inference,
     ModelActor,
-    decode_images,
-    decode_jpeg_batch,
     features_column,
     features_of,
     object_store_budget,
