@@ -62,18 +62,9 @@ def training_workers(scaling: ScalingConfig, global_batch: int, what: str, shape
     """``scaling`` with a number of workers (unchanged unless it says "auto")."""
     if scaling.num_workers != AUTO:
         return scaling
-    if scaling.use_gpu:
-        if shape.gpus < 1:
-            raise ValueError(f"{what}.scaling.num_workers is auto with use_gpu, but the Ray cluster has no GPU "
-                             f"for this job: run it on GPU nodes, or set {what}.scaling.use_gpu=false")
-        wanted, unit = int(shape.gpus), "GPU"
-    else:
-        wanted, unit = shape.nodes, "node"
-    fits = int((shape.cpus - DATA_TASK_CPUS) // max(scaling.cpus_per_worker, 1e-9))
-    if fits < 1:
-        raise ValueError(f"{what}.scaling.num_workers is auto, but one worker's {scaling.cpus_per_worker} CPUs and "
-                         f"its data tasks' {DATA_TASK_CPUS:g} do not fit the {shape.cpus:g} CPUs this job has: "
-                         f"lower {what}.scaling.cpus_per_worker")
+    fits = _auto_fits(shape, scaling.cpus_per_worker, scaling.use_gpu, "worker", setting=f"{what}.scaling.num_workers",
+                      cpus_setting=f"{what}.scaling.cpus_per_worker", gpu_setting=f"{what}.scaling.use_gpu")
+    wanted, unit = (int(shape.gpus), "GPU") if scaling.use_gpu else (shape.nodes, "node")
     n = largest_divisor(global_batch, min(wanted, fits))
     log.info("%s.scaling.num_workers auto: %d (one per %s: %d; CPUs for %d; batch %d)",
              what, n, unit, wanted, fits, global_batch)
@@ -85,17 +76,25 @@ def inference_actors(concurrency: int | str, cpus_per_actor: float, use_gpu: boo
     """The number of model actors (``concurrency`` unless it says "auto")."""
     if concurrency != AUTO:
         return int(concurrency)
-    fits = int((shape.cpus - DATA_TASK_CPUS) // max(cpus_per_actor, 1e-9))
-    if use_gpu:
-        if shape.gpus < 1:
-            raise ValueError(f"{what}.concurrency is auto with use_gpu, but the Ray cluster has no GPU for this "
-                             f"job: run it on GPU nodes, or set {what}.use_gpu=false")
-        fits = min(fits, int(shape.gpus))
+    fits = _auto_fits(shape, cpus_per_actor, use_gpu, "actor", setting=f"{what}.concurrency",
+                      cpus_setting=f"{what}.cpus_per_actor", gpu_setting=f"{what}.use_gpu")
+    n = min(fits, int(shape.gpus)) if use_gpu else fits
+    log.info("%s.concurrency auto: %d actor(s)", what, n)
+    return n
+
+
+def _auto_fits(shape: ClusterShape, cpus_each: float, use_gpu: bool, unit: str, *, setting: str,
+               cpus_setting: str, gpu_setting: str) -> int:
+    """How many workers or actors of ``cpus_each`` CPUs this job's ``shape`` holds beside the
+    data tasks' share (the inverse of drray.distributed.resources' demands); an "auto" that
+    cannot be met raises, naming the setting to change."""
+    if use_gpu and shape.gpus < 1:
+        raise ValueError(f"{setting} is auto with use_gpu, but the Ray cluster has no GPU for this job: "
+                         f"run it on GPU nodes, or set {gpu_setting}=false")
+    fits = int((shape.cpus - DATA_TASK_CPUS) // max(cpus_each, 1e-9))
     if fits < 1:
-        raise ValueError(f"{what}.concurrency is auto, but one actor's {cpus_per_actor:g} CPUs and the read "
-                         f"tasks' {DATA_TASK_CPUS:g} do not fit the {shape.cpus:g} CPUs this job has: "
-                         f"lower {what}.cpus_per_actor")
-    log.info("%s.concurrency auto: %d actor(s)", what, fits)
+        raise ValueError(f"{setting} is auto, but one {unit}'s {cpus_each:g} CPUs and the data tasks' "
+                         f"{DATA_TASK_CPUS:g} do not fit the {shape.cpus:g} CPUs this job has: lower {cpus_setting}")
     return fits
 
 
