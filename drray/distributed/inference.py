@@ -134,6 +134,7 @@ def _inputs(selection: Selection, tag: str | None, feature_ids: frozenset[str] |
     the same tasks that read them (Ray Data fuses the two maps)."""
     import ray
 
+    tasks = max(1, min(tasks, len(shard_paths(selection.prepared))))  # as read_rows: no more than shards
     rows = read_rows(selection.rows, tasks)
     if tag is None and feature_ids is None:
         return rows
