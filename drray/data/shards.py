@@ -53,7 +53,10 @@ class PreparedDataError(ValueError):
 class ShardWriter:
     """Writes rows into numbered Parquet shards of at most ``rows_per_shard`` rows, in row
     groups of ``rows_per_group`` (small groups would make readers pay per-group overhead;
-    groups are also the unit a reader can shuffle and split)."""
+    groups are also the unit a reader can shuffle and split). Every group but the last holds
+    exactly ``rows_per_group`` rows, however the rows arrive: the same rows in the same order
+    give the same files, so a data set prepared again has the same content hash (and the stages
+    that read it keep their keys), whatever sizes of batches the pipeline happened to deliver."""
 
     def __init__(self, directory: Path, rows_per_shard: int = 500, rows_per_group: int = 250):
         self.directory = Path(directory)
@@ -67,23 +70,25 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         self._pending.append(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
         if sum(t.num_rows for t in self._pending) >= self.rows_per_group:
-            self._flush()
+            self._flush(whole_groups_only=True)
 
     def close(self) -> list[dict]:
-        self._flush()
+        self._flush(whole_groups_only=False)
         self._close_current()
         return self.shards
 
-    def _flush(self) -> None:
+    def _flush(self, whole_groups_only: bool) -> None:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending).combine_chunks()
-        self._pending = []
+        end = table.num_rows - table.num_rows % self.rows_per_group if whole_groups_only else table.num_rows
+        self._pending = [table.slice(end)] if end < table.num_rows else []
         start = 0
-        while start < table.num_rows:
+        while start < end:
             if self._writer is None:
                 self._open()
-            take = min(self.rows_per_shard - self._rows_in_current, table.num_rows - start)
+            # one group at a time, never across a shard's end
+            take = min(self.rows_per_group, self.rows_per_shard - self._rows_in_current, end - start)
             self._writer.write_table(table.slice(start, take), row_group_size=self.rows_per_group)
             self._rows_in_current += take
             start += take

@@ -414,3 +414,29 @@ def test_an_input_lost_on_its_way_is_prepared_again_then_fails_the_preparation(m
     monkeypatch.setattr(dp, "_run_pipeline", losing(1))
     assert prepare_again()["counts"]["prepared"] == 3 and len(read_index(out)) == 3
     assert "1 image(s) did not come back from the pipeline (11_left): preparing them again" in capsys.readouterr().err
+
+
+def test_the_same_rows_give_the_same_shards_however_they_arrive(tmp_path):
+    """The pipeline delivers batches of sizes that vary run to run: the shards' files (and so
+    the set's content hash, which every stage's key includes) must not follow them."""
+    import pyarrow.parquet as pq
+
+    from drray.data.shards import ShardWriter
+
+    n = 1234
+    rows = pa.table({name: pa.array([f"{name}{i}" for i in range(n)]) if SHARD_SCHEMA.field(name).type == pa.string()
+                     else pa.array([None] * n, SHARD_SCHEMA.field(name).type) for name in SHARD_SCHEMA.names})
+
+    def written(splits: list[int], name: str) -> list[dict]:
+        writer, start = ShardWriter(tmp_path / name, rows_per_shard=500, rows_per_group=250), 0
+        for size in splits:
+            writer.write(rows.slice(start, size))
+            start += size
+        writer.write(rows.slice(start))
+        return writer.close()
+
+    a, b = written([16] * 40, "a"), written([7, 300, 1, 250, 64], "b")
+    assert [s["sha256"] for s in a] == [s["sha256"] for s in b] and [s["rows"] for s in a] == [500, 500, 234]
+    groups = [pq.ParquetFile(tmp_path / "a" / s["file"]).metadata.row_group(g).num_rows
+              for s in a for g in range(pq.ParquetFile(tmp_path / "a" / s["file"]).metadata.num_row_groups)]
+    assert groups == [250, 250, 250, 250, 234]
