@@ -92,14 +92,31 @@ DRIVER_READ_MAX_ROWS = 5000
 TRAINING_READ_TASKS = 4
 
 
-def _read_once(selection: Selection):
-    """The selection's encoded rows, read once, as a materialised Ray Dataset."""
+def _epochs(selection: Selection, epochs: int, shuffle: bool):
+    """``epochs`` epochs of the selection's encoded rows, each in its own random order
+    (``shuffle``), as one Ray Dataset: read once and kept in Ray's object store (spilled to disk
+    when larger than it), since reading again every epoch costs more than it saves."""
     import ray
 
     if selection.targets is None or len(selection.targets) > DRIVER_READ_MAX_ROWS:
-        return read_rows(selection.rows, TRAINING_READ_TASKS).materialize()
+        ds = read_rows(selection.rows, TRAINING_READ_TASKS).materialize()
+        return repeat(ds.random_shuffle() if shuffle else ds, epochs)
     paths = pa.table({"path": [str(p) for p in shard_paths(selection.prepared)]})
-    return ray.data.from_arrow(read_shards(paths, selection.rows)).materialize()
+    stored = ray.put(read_shards(paths, selection.rows))
+    # One block per epoch, each made by a task from the one stored table, in an order drawn when
+    # the pass runs (every pass its own). Not a union of shuffled copies: FixMatch's labeled
+    # stream repeats a small budget hundreds of times a pass, and Ray could not pickle so deep a
+    # plan (a traceback on the console every few seconds).
+    return ray.data.range(epochs, override_num_blocks=epochs).map_batches(
+        _epoch_of, fn_kwargs={"stored": stored, "shuffle": shuffle}, batch_size=1, batch_format="pyarrow",
+        num_cpus=DATA_TASK_CPUS)
+
+
+def _epoch_of(_: pa.Table, stored, shuffle: bool) -> pa.Table:
+    import ray
+
+    table = ray.get(stored)
+    return table.take(np.random.default_rng().permutation(table.num_rows)) if shuffle else table
 
 
 @dataclass(frozen=True)
@@ -122,12 +139,9 @@ def stage_dataset(selection: Selection, batch_size: int, epochs_per_pass: int = 
     with its rows in a new random order (``shuffle``). Blocks of the worker's ``batch_size`` let
     the worker take batches as they come instead of re-assembling them from smaller blocks.
     """
-    # The selected rows' encoded images are read once and kept in Ray's object store (spilled
-    # to disk when larger than it): reading again every epoch costs more than it saves. Every
-    # epoch shuffles the encoded rows (not decoded tensors) across the whole selection: rows are
-    # stored in file order, where a patient's two eyes are neighbours, so shuffling only the order
-    # of blocks (as drray did before) kept them in one batch, each other's SimCLR negatives.
-    ds = _read_once(selection)
-    ds = repeat(ds.random_shuffle() if shuffle else ds, epochs_per_pass)
+    # Every epoch shuffles the encoded rows (not decoded tensors) across the whole selection:
+    # rows are stored in file order, where a patient's two eyes are neighbours, so shuffling only
+    # the order of blocks (as drray did before) kept them in one batch, each other's SimCLR negatives.
+    ds = _epochs(selection, epochs_per_pass, shuffle)
     return ds.map_batches(to_model_inputs, fn_kwargs={"selection": selection}, batch_size=batch_size,
                           batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)

@@ -126,3 +126,27 @@ def test_a_semi_supervised_pass_is_counted_in_its_whole_pool():
     plan = common.fit_plan(cfg, r, spec=None, method=None, n_rows=57_146 // 7, streamed_rows=57_146,
                            scaling=r.stage.config(cfg).scaling)
     assert plan.epochs_per_pass == 1 and plan.steps_per_epoch == 57_146 // 7 // 8
+
+
+def test_a_small_budget_repeated_hundreds_of_times_a_pass_is_every_epoch_in_its_own_order(tmp_path, ray_session,
+                                                                                            caplog):
+    """FixMatch's labeled stream repeats a small budget hundreds of times a pass (a union of as
+    many shuffled copies made a plan Ray could not pickle: tracebacks on the console every few
+    seconds). Each epoch holds every image once, epochs differ, and a second pass of the same
+    Dataset draws new orders."""
+    from drray.distributed.datasets import Stream
+
+    ids = _two_eyed_pool(tmp_path, 5)
+    targets = {i: float(k % 2) for k, i in enumerate(ids)}
+    ds = Stream(Selection(str(tmp_path), CleanImage(), 8, split="train", targets=targets), 5,
+                epochs_per_pass=300).build()
+
+    def epochs_of_one_pass():
+        rows = [i for b in ds.iter_batches(batch_size=10, batch_format="numpy") for i in b["image_id"]]
+        return [tuple(rows[k:k + 10]) for k in range(0, len(rows), 10)]
+
+    first = epochs_of_one_pass()
+    assert len(first) == 300 and all(sorted(e) == sorted(ids) for e in first)
+    assert len(set(first)) > 250  # 10! orders: repeats are rare
+    assert epochs_of_one_pass() != first  # the next pass draws its own
+    assert not [r for r in caplog.records if "recursion" in r.getMessage()]
