@@ -276,6 +276,13 @@ class SemiSupervisedConfig:
     batch_size: int = 64  # labeled images per step (global); the unlabeled batch is mu x this
     mu: int = 7
     lambda_u: float = 1.0  # weight of the unlabeled loss
+    rampup_epochs: int = 0  # lambda_u ramps up linearly over these epochs (0: full weight from the first step)
+    # ReMixMatch's distribution alignment (Berthelot et al. 2020): the unlabeled guesses scaled
+    # to the labeled training images' positive share by the model's running mean prediction
+    # before FixMatch thresholds them / MixMatch sharpens them. Off: the methods as published
+    # (on CIFAR's balanced classes); with a ~20% referable prior their guesses collapse to
+    # "not referable" (issue 15).
+    distribution_alignment: bool = False
     ema_decay: float = 0.999  # the evaluated (and published) model is this EMA of the weights
     dropout: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(

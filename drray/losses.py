@@ -76,19 +76,31 @@ def binary_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 # --- semi-supervised baselines (binary, sigmoid forms) -----------------------------------------
 
 
-def fixmatch_targets(weak_logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """FixMatch's pseudo-labels from the weak view: p = sigmoid(z), target 1[p >= 0.5], kept
+def fixmatch_targets(weak_p: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """FixMatch's pseudo-labels from the weak view's probability p: target 1[p >= 0.5], kept
     where the model is confident, max(p, 1 - p) >= threshold. No gradient flows through them."""
-    p = torch.sigmoid(weak_logits.detach().float())
+    p = weak_p.detach().float()
     return (p >= 0.5).float(), (torch.maximum(p, 1 - p) >= threshold).float()
 
 
-def fixmatch_unlabeled_loss(strong_logits: Tensor, weak_logits: Tensor, threshold: float) -> Tensor:
-    """BCE of the strong view against the weak view's confident hard labels, averaged over ALL
-    unlabeled images (masked ones count as zero), as in Sohn et al. (2020), eq. 4."""
-    targets, mask = fixmatch_targets(weak_logits, threshold)
+def fixmatch_unlabeled_loss(strong_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """BCE of the strong view against the weak view's confident hard labels (``fixmatch_targets``),
+    averaged over ALL unlabeled images (masked ones count as zero), as in Sohn et al. (2020), eq. 4."""
     per_image = F.binary_cross_entropy_with_logits(strong_logits.float(), targets, reduction="none")
     return (per_image * mask).mean()
+
+
+def align_distribution(p: Tensor, prior: float, model_mean: Tensor | float) -> Tensor:
+    """ReMixMatch's distribution alignment (Berthelot et al. 2020, eq. 1) for a binary probability:
+    each class's probability scaled by prior / the model's running mean prediction on unlabeled
+    images, then renormalised. With a 20% referable prior a young model's guesses all fall below
+    0.5; alignment lifts them where the model under-predicts the class, so pseudo-labels keep the
+    labeled set's class balance on average instead of collapsing to the majority class."""
+    eps = 1e-6
+    mean = torch.as_tensor(model_mean, dtype=p.dtype, device=p.device).clamp(eps, 1 - eps)
+    prior_t = torch.as_tensor(prior, dtype=p.dtype, device=p.device).clamp(eps, 1 - eps)
+    positive, negative = p * (prior_t / mean), (1 - p) * ((1 - prior_t) / (1 - mean))
+    return positive / (positive + negative)
 
 
 def sharpen(p: Tensor, temperature: float) -> Tensor:

@@ -24,11 +24,13 @@ from drray.progress import say
 from jobs import common, stages
 
 
-def method_of(section: SemiSupervisedConfig, n_pool: int) -> FixMatch | MixMatch:
+def method_of(section: SemiSupervisedConfig, n_pool: int, labeled_prior: float) -> FixMatch | MixMatch:
+    """``labeled_prior``: the labeled training images' positive share (distribution alignment's target)."""
+    steps_per_epoch = common.steps_per_epoch(n_pool // section.mu, section.batch_size)
     if isinstance(section, FixMatchConfig):
-        return FixMatch.from_config(section)
+        return FixMatch.from_config(section, steps_per_epoch, labeled_prior)
     assert isinstance(section, MixMatchConfig), section
-    return MixMatch.from_config(section, common.steps_per_epoch(n_pool // section.mu, section.batch_size))
+    return MixMatch.from_config(section, steps_per_epoch, labeled_prior)
 
 
 def initial_model(cfg: Config, r: stages.Resolved) -> tuple[ModelSpec, str | None]:
@@ -65,7 +67,7 @@ def run(cfg: Config, name: str) -> dict:
     subset = common.labeled_subset(cfg)
     atomic_write_json(r.dir.subset_file, subset.record())
     size = cfg.data.size
-    method = method_of(section, len(pool))
+    method = method_of(section, len(pool), sum(subset.labeled.values()) / max(1, len(subset.labeled)))
     spec, start = initial_model(cfg, r)
     scaling = common.stage_scaling(cfg, r)
     plan = common.fit_plan(

@@ -40,12 +40,50 @@ def test_fixmatch_step_is_supervised_loss_when_nothing_is_confident():
 
 
 def test_fixmatch_reports_how_many_unlabeled_images_pass_the_threshold():
+    from drray.losses import fixmatch_targets
     from drray.methods.fixmatch import pseudo_label_stats
 
-    logits = torch.tensor([4.0, -4.0, 0.1, 3.5, 0.0])  # p = 0.98, 0.02, 0.52, 0.97, 0.5
-    stats = pseudo_label_stats(logits, threshold=0.95)
+    p = torch.sigmoid(torch.tensor([4.0, -4.0, 0.1, 3.5, 0.0]))  # p = 0.98, 0.02, 0.52, 0.97, 0.5
+    stats = pseudo_label_stats(*fixmatch_targets(p, threshold=0.95))
     assert stats["mask_rate"].item() == pytest.approx(3 / 5)
     assert stats["masked_positive_rate"].item() == pytest.approx(2 / 3)
+    assert stats["guess_positive_rate"].item() == pytest.approx(4 / 5)
+
+
+def test_fixmatch_ramps_its_unlabeled_weight_and_continues_after_resume():
+    batch = _batch(4, 8, ["u_weak", "u_strong"])
+    method = FixMatch(threshold=0.95, lambda_u=1.0, rampup_steps=10)
+    first, *_ = method.step(steps_done=0)(_confidently_negative(), batch)  # ramp 0: the labeled loss alone
+    full, *_ = method.step(steps_done=10)(_confidently_negative(), batch)  # ramp 1: + every confident negative
+    published, *_ = FixMatch(threshold=0.95, lambda_u=1.0).step()(_confidently_negative(), batch)
+    assert first.item() < full.item() and full.item() == pytest.approx(published.item())
+    assert first.item() == pytest.approx(torch.nn.functional.binary_cross_entropy(
+        torch.full((4,), 0.02), batch["target"]).item(), rel=1e-5)
+
+
+def _confidently_negative() -> Tiny:
+    """A model that calls every image p = 0.02: the collapse seen on the demo data."""
+    model = Tiny()
+    torch.nn.init.zeros_(model.net[1].weight)
+    torch.nn.init.constant_(model.net[1].bias, float(torch.logit(torch.tensor(0.02))))
+    return model
+
+
+def test_fixmatch_aligned_to_the_labeled_prior_does_not_train_on_a_collapsed_guess():
+    batch = _batch(4, 8, ["u_weak", "u_strong"])
+    _, _, published = FixMatch(threshold=0.95).step()(_confidently_negative(), batch)
+    assert published["mask_rate"].item() == 1.0 and published["masked_positive_rate"].item() == 0.0
+    # aligned: the model's mean 0.02 against a 20% prior lifts every guess to 0.2, confident of nothing
+    _, _, aligned = FixMatch(threshold=0.95, prior=0.2).step()(_confidently_negative(), batch)
+    assert aligned["mask_rate"].item() == 0.0
+
+
+def test_mixmatch_aligns_its_guess_before_sharpening():
+    batch = _batch(4, 4, ["u_view0", "u_view1"])
+    _, _, published = MixMatch(temperature=0.5, views=2).step()(_confidently_negative(), batch)
+    assert published["guess_confidence"].item() > 0.99  # 0.02 sharpened: ~0.0004
+    _, _, aligned = MixMatch(temperature=0.5, views=2, prior=0.5).step()(_confidently_negative(), batch)
+    assert aligned["guess_confidence"].item() == pytest.approx(0.5, abs=1e-5)  # aligned to 0.5, sharpened: 0.5
 
 
 def test_weight_decay_spares_batchnorm_and_biases():

@@ -10,6 +10,7 @@ import torch
 
 from drray.engine.ema import EMA
 from drray.losses import (
+    align_distribution,
     fixmatch_targets,
     fixmatch_unlabeled_loss,
     linear_rampup,
@@ -23,24 +24,35 @@ from drray.losses import (
 def test_fixmatch_keeps_confident_positives_and_negatives_only():
     # p = 0.99 (confident positive), 0.01 (confident negative), 0.6 and 0.3 (uncertain), 0.95 (at tau)
     p = torch.tensor([0.99, 0.01, 0.6, 0.3, 0.95])
-    targets, mask = fixmatch_targets(sigmoid_logit(p), threshold=0.95)
+    targets, mask = fixmatch_targets(p, threshold=0.95)
     assert targets.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert mask.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
 def test_fixmatch_loss_averages_over_every_unlabeled_image():
-    weak = sigmoid_logit(torch.tensor([0.99, 0.01, 0.6, 0.3]))
+    targets, mask = fixmatch_targets(torch.tensor([0.99, 0.01, 0.6, 0.3]), 0.95)
     strong = sigmoid_logit(torch.tensor([0.8, 0.4, 0.9, 0.9]))
     # confident: image 0 (target 1, q 0.8) and image 1 (target 0, q 0.4); the others are masked
     expected = (-math.log(0.8) - math.log(1 - 0.4)) / 4
-    assert fixmatch_unlabeled_loss(strong, weak, 0.95).item() == pytest.approx(expected, rel=1e-5)
+    assert fixmatch_unlabeled_loss(strong, targets, mask).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_fixmatch_targets_carry_no_gradient():
     weak = torch.tensor([4.0, -4.0], requires_grad=True)
     strong = torch.tensor([1.0, -1.0], requires_grad=True)
-    fixmatch_unlabeled_loss(strong, weak, 0.9).backward()
+    fixmatch_unlabeled_loss(strong, *fixmatch_targets(torch.sigmoid(weak), 0.9)).backward()
     assert weak.grad is None and strong.grad is not None
+
+
+def test_distribution_alignment_by_hand():
+    # prior 0.2, the model's mean 0.05: positives scaled by 4, negatives by 0.8 / 0.95
+    p = torch.tensor([0.05, 0.5, 0.0, 1.0])
+    out = align_distribution(p, 0.2, 0.05)
+    a, b = 0.05 * 4, 0.95 * (0.8 / 0.95)
+    assert out[0].item() == pytest.approx(a / (a + b), rel=1e-6)  # 0.2: the mean guess lands on the prior
+    assert out[1].item() == pytest.approx(4 / (4 + 0.8 / 0.95), rel=1e-6)
+    assert out[2].item() == 0.0 and out[3].item() == 1.0  # certainty stays certain
+    assert torch.equal(align_distribution(p, 0.3, 0.3), p)  # a model already at the prior: unchanged
 
 
 def test_sharpening_by_hand():

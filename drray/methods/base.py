@@ -69,6 +69,32 @@ class WeakImage(Views):
         return {IMAGE: WeakAugment()(images, generator)}
 
 
+ALIGNMENT_MOMENTUM = 0.99  # ReMixMatch averages the last 128 batches; an EMA at 0.99 weighs ~the last 100
+
+
+def distribution_aligner(prior: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """FixMatch's and MixMatch's guess correction: with a ``prior`` (the labeled training images'
+    positive share, labels the budget already spent), each batch's unlabeled probabilities
+    aligned to it by the model's running mean prediction (``drray.losses.align_distribution``);
+    None: the guesses as the published method makes them. The running mean is the step
+    function's own (per worker, from the first batch on; a resumed run starts it again, and it
+    settles within ~100 steps)."""
+    if prior is None:
+        return lambda p: p
+    from drray.losses import align_distribution
+
+    state: dict[str, torch.Tensor] = {}
+
+    def align(p: torch.Tensor) -> torch.Tensor:
+        batch_mean = p.detach().float().mean()
+        previous = state.get("mean")
+        state["mean"] = batch_mean if previous is None else \
+            ALIGNMENT_MOMENTUM * previous + (1 - ALIGNMENT_MOMENTUM) * batch_mean
+        return align_distribution(p, prior, state["mean"])
+
+    return align
+
+
 class Method(Protocol):
     """A training method as the fit loop and the data pipelines see it."""
 

@@ -1,5 +1,6 @@
 """FixMatch (Sohn et al. 2020) in binary sigmoid form: BCE on the labeled batch + lambda_u x the
-strong views' BCE against the weak views' confident hard labels (max(p, 1-p) >= threshold). One
+strong views' BCE against the weak views' confident hard labels (max(p, 1-p) >= threshold),
+optionally with the weak guesses distribution-aligned to the labeled prior (ReMixMatch's). One
 forward over labeled, weak and strong images together, so BatchNorm sees the whole step's batch
 (what the reference's interleaving achieves)."""
 
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 
 from drray.config import FixMatchConfig
 from drray.data.augment import StrongAugment, WeakAugment
-from drray.losses import binary_cross_entropy, fixmatch_targets, fixmatch_unlabeled_loss
-from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage
+from drray.losses import binary_cross_entropy, fixmatch_targets, fixmatch_unlabeled_loss, linear_rampup
+from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage, distribution_aligner
 
 U_WEAK, U_STRONG = "u_weak", "u_strong"
 
@@ -28,13 +29,15 @@ class FixMatchViews(Views):
                 U_STRONG: StrongAugment(self.randaugment_ops, self.cutout)(images, generator)}
 
 
-def pseudo_label_stats(weak_logits, threshold: float) -> dict:
+def pseudo_label_stats(targets, mask) -> dict:
     """Per epoch in metrics.jsonl: ``mask_rate``, the share of unlabeled images confident enough
-    to train on (near 0, FixMatch learns from the labels alone), and ``masked_positive_rate``, the
-    share of those labelled referable (near 0 or 1: the pseudo-labels collapsed to one class)."""
-    targets, mask = fixmatch_targets(weak_logits, threshold)
+    to train on (near 0, FixMatch learns from the labels alone); ``masked_positive_rate``, the
+    share of those labelled referable (near 0 or 1: the pseudo-labels collapsed to one class);
+    ``guess_positive_rate``, the share of all weak guesses >= 0.5 (against the labeled prior: how
+    far the guesses' class balance has drifted)."""
     kept = mask.sum()
-    return {"mask_rate": mask.mean(), "masked_positive_rate": (targets * mask).sum() / kept.clamp(min=1)}
+    return {"mask_rate": mask.mean(), "masked_positive_rate": (targets * mask).sum() / kept.clamp(min=1),
+            "guess_positive_rate": targets.mean()}
 
 
 @dataclass(frozen=True)
@@ -43,25 +46,36 @@ class FixMatch:
     lambda_u: float = 1.0
     randaugment_ops: int = 2
     cutout: float = 0.5
+    prior: float | None = None  # align the weak guesses to this positive share (None: as published)
+    rampup_steps: int = 0  # lambda_u ramps up linearly over these steps (0: as published)
     train_views = WeakImage()
 
     @classmethod
-    def from_config(cls, section: FixMatchConfig) -> FixMatch:
-        return cls(section.threshold, section.lambda_u, section.randaugment_ops, section.cutout)
+    def from_config(cls, section: FixMatchConfig, steps_per_epoch: int, labeled_prior: float) -> FixMatch:
+        prior = labeled_prior if section.distribution_alignment else None
+        return cls(section.threshold, section.lambda_u, section.randaugment_ops, section.cutout, prior,
+                   section.rampup_epochs * steps_per_epoch)
 
     @property
     def unlabeled_views(self) -> FixMatchViews:
         return FixMatchViews(self.randaugment_ops, self.cutout)
 
     def step(self, steps_done: int = 0) -> Step:
+        """``steps_done`` continues the ramp after a resume."""
         import torch
+
+        align = distribution_aligner(self.prior)
+        state = {"step": steps_done}
 
         def fixmatch_step(model, batch):
             x, weak, strong = batch[IMAGE], batch[U_WEAK], batch[U_STRONG]
             n, m = x.shape[0], weak.shape[0]
             logits = model(torch.cat([x, weak, strong]))
             supervised = binary_cross_entropy(logits[:n], batch[TARGET])
-            unlabeled = fixmatch_unlabeled_loss(logits[n + m:], logits[n:n + m], self.threshold)
-            return supervised + self.lambda_u * unlabeled, n, pseudo_label_stats(logits[n:n + m], self.threshold)
+            targets, mask = fixmatch_targets(align(torch.sigmoid(logits[n:n + m].detach().float())), self.threshold)
+            unlabeled = fixmatch_unlabeled_loss(logits[n + m:], targets, mask)
+            ramp = linear_rampup(state["step"], self.rampup_steps)
+            state["step"] += 1
+            return supervised + self.lambda_u * ramp * unlabeled, n, pseudo_label_stats(targets, mask)
 
         return fixmatch_step

@@ -1,5 +1,6 @@
 """MixMatch (Berthelot et al. 2019) in binary form: each unlabeled image's label is guessed as
-the sharpened mean prediction over its K weak views (no gradient); every labeled and unlabeled
+the sharpened mean prediction over its K weak views (no gradient; optionally aligned to the
+labeled prior first, ReMixMatch's distribution alignment); every labeled and unlabeled
 image is mixed with a random partner from the whole step's batch (MixUp, lambda' = max(lambda,
 1 - lambda) per image); the loss is BCE on the mixed labeled part + lambda_u x ramp x MSE on the
 mixed unlabeled part, in one forward (BatchNorm sees the whole mixed batch)."""
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from drray.config import MixMatchConfig
 from drray.data.augment import WeakAugment
 from drray.losses import linear_rampup, mixmatch_losses, mixup_weights, sharpen
-from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage
+from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage, distribution_aligner
 
 
 def view_key(k: int) -> str:
@@ -36,12 +37,14 @@ class MixMatch:
     lambda_u: float = 75.0
     rampup_steps: int = 0  # the unlabeled weight ramps up linearly over these steps
     views: int = 2  # K
+    prior: float | None = None  # align the mean guess to this positive share before sharpening (None: as published)
     train_views = WeakImage()
 
     @classmethod
-    def from_config(cls, section: MixMatchConfig, steps_per_epoch: int) -> MixMatch:
+    def from_config(cls, section: MixMatchConfig, steps_per_epoch: int, labeled_prior: float) -> MixMatch:
+        prior = labeled_prior if section.distribution_alignment else None
         return cls(section.temperature, section.alpha, section.lambda_u,
-                   section.rampup_epochs * steps_per_epoch, section.augmentations)
+                   section.rampup_epochs * steps_per_epoch, section.augmentations, prior)
 
     @property
     def unlabeled_views(self) -> MixMatchViews:
@@ -53,6 +56,7 @@ class MixMatch:
 
         state = {"step": steps_done}
         keys = [view_key(k) for k in range(self.views)]
+        align = distribution_aligner(self.prior)
 
         def mixmatch_step(model, batch):
             x, y = batch[IMAGE], batch[TARGET].float()
@@ -60,7 +64,7 @@ class MixMatch:
             n, m = x.shape[0], views[0].shape[0]
             with torch.no_grad():
                 mean = torch.sigmoid(model(torch.cat(views)).float()).view(len(views), m).mean(0)
-                guessed = sharpen(mean, self.temperature)
+                guessed = sharpen(align(mean), self.temperature)  # ReMixMatch: align, then sharpen
             inputs = torch.cat([x, *views])
             targets = torch.cat([y, *([guessed] * len(views))])
             lam = mixup_weights(inputs.shape[0], self.alpha).to(inputs.device)
