@@ -117,8 +117,7 @@ def check_sweep_fits(cfg: Config, cluster: ClusterShape) -> None:
     """Fail before Tune starts, saying what is missing: Tune would wait forever for trials
     (or their Train workers) that the cluster cannot place."""
     n = cfg.sweep.concurrent_trials
-    share = tune_share(cfg)
-    one = trial_demand(cfg, cluster.share(share.jobs, share.reserved_cpus))
+    one = trial_demand(cfg, cluster.share(tune_share(cfg)))
     capacity = cluster.capacity
     need = one.times(n)
     fit = int(min(capacity.cpus // one.cpus if one.cpus else n,

@@ -92,7 +92,7 @@ def test_auto_workers_take_one_trials_share_of_the_gpus():
                                  "distill.scaling.num_workers=auto", "distill.batch_size=32",
                                  "pseudolabel.concurrency=auto", "pseudolabel.use_gpu=true"])
     eight_gpus = ClusterShape(64, 8, 1)
-    assert sweep.trial_demand(cfg, eight_gpus.share(2)).gpus == 4  # 4 workers, 4 actors per trial
+    assert sweep.trial_demand(cfg, eight_gpus.share(ClusterShare(2))).gpus == 4  # 4 workers, 4 actors per trial
     sweep.check_sweep_fits(cfg, eight_gpus)  # two trials of 4 GPUs fit 8
     trial = sweep.trial_config(cfg, sweep.grid(cfg)[0], share=sweep.tune_share(cfg))  # as a Tune trial gets it
     assert trial.share == ClusterShare(2, 0.5) and trial.distill.scaling.num_workers == "auto"  # resolved in the trial
@@ -106,7 +106,7 @@ def test_auto_counts_leave_a_trial_its_own_cpus():
     cfg = load_config(SWEEP_CI, ["sweep.concurrent_trials=2", "sweep.trial_cpus=2", "pseudolabel.concurrency=auto",
                                  "evaluate.concurrency=auto"])
     share = sweep.tune_share(cfg)
-    one = sweep.trial_demand(cfg, cpus(16).share(share.jobs, share.reserved_cpus))
+    one = sweep.trial_demand(cfg, cpus(16).share(share))
     assert one.cpus == 2 + 5.5 and one.cpus <= 8
     sweep.check_sweep_fits(cfg, cpus(16))
 

@@ -36,10 +36,11 @@ class ClusterShape:
     gpus: float
     nodes: int
 
-    def share(self, jobs: int, reserved_cpus: float = 0.0) -> ClusterShape:
-        """One of ``jobs`` equal shares, less ``reserved_cpus`` the job's own process holds."""
-        jobs = max(1, jobs)
-        return ClusterShape(max(0.0, self.cpus / jobs - reserved_cpus), self.gpus // jobs, max(1, self.nodes // jobs))
+    def share(self, share: ClusterShare) -> ClusterShape:
+        """One of ``share.jobs`` equal shares, less the ``share.reserved_cpus`` the job's own process holds."""
+        jobs = max(1, share.jobs)
+        return ClusterShape(max(0.0, self.cpus / jobs - share.reserved_cpus), self.gpus // jobs,
+                            max(1, self.nodes // jobs))
 
     @property
     def capacity(self) -> Demand:
@@ -51,11 +52,10 @@ def cluster_shape(share: ClusterShare | None = None) -> ClusterShape:
     nodes, CPUs and GPUs."""
     import ray
 
-    share = share or ClusterShare()
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     total = ray.cluster_resources()
     whole = ClusterShape(total.get("CPU", 0.0), total.get("GPU", 0.0), max(1, len(nodes)))
-    return whole.share(share.jobs, share.reserved_cpus)
+    return whole.share(share or ClusterShare())
 
 
 def training_workers(scaling: ScalingConfig, global_batch: int, what: str, shape: ClusterShape) -> ScalingConfig:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from drray.config import ScalingConfig, load_config
+from drray.config import ClusterShare, ScalingConfig, load_config
 from drray.data.transforms import AugmentSpec
 from drray.distributed.scaling import (
     ClusterShape,
@@ -55,7 +55,7 @@ def test_auto_actors_per_gpu_or_per_free_cpu():
 
 
 def test_a_shared_cluster_gives_each_job_its_part():
-    shape = ClusterShape(64, 8, 2).share(3)
+    shape = ClusterShape(64, 8, 2).share(ClusterShare(3))
     assert (shape.gpus, shape.nodes) == (2, 1) and shape.cpus == pytest.approx(64 / 3)
     assert [largest_divisor(32, n) for n in (1, 3, 5, 8, 40)] == [1, 2, 4, 8, 32]
 
