@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 from drray.config import FixMatchConfig
 from drray.data.augment import StrongAugment, WeakAugment
-from drray.losses import binary_cross_entropy, fixmatch_targets, fixmatch_unlabeled_loss, linear_rampup
+from drray.losses import (
+    binary_cross_entropy,
+    fixmatch_targets,
+    fixmatch_unlabeled_loss,
+    linear_rampup,
+)
 from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage, distribution_aligner
 
 U_WEAK, U_STRONG = "u_weak", "u_strong"
