@@ -119,7 +119,7 @@ class ClusterJob(submitit.helpers.Checkpointable):
             result = body()
         except BaseException as exc:
             requeued = isinstance(exc, SystemExit) and self._requeueing
-            cancelled = isinstance(exc, KeyboardInterrupt) and any(
+            cancelled = isinstance(exc, (KeyboardInterrupt, SystemExit)) and any(
                 e["event"] == "cancelled" for e in read_events(folder, job_id))
             if not (requeued or cancelled):
                 add_event(folder, job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
@@ -373,7 +373,26 @@ def cancel(sub: Submission) -> None:
     elif _local_job_alive(sub.job_id):
         # SIGINT, as submitit's LocalJob.cancel: its job process ignores SIGTERM (submitit's handler)
         add_event(Path(sub.folder), sub.job_id, "cancelled")
-        os.kill(int(sub.job_id), signal.SIGINT)
+        _interrupt_local_job(sub.job_id)
+
+
+LOCAL_CANCEL_GRACE_S = 20.0  # for the first SIGINT to end the job before the next two are sent
+
+
+def _interrupt_local_job(pid: str) -> None:
+    """SIGINT the job; if it still runs after LOCAL_CANCEL_GRACE_S, twice more. Ray Train's own
+    SIGINT handler (installed while a stage trains) turns the first into a "graceful abort" of
+    the run's controller, which a controller not yet running ignores: seen in CI, a job
+    cancelled while its stage started trained all 50 epochs and finished. Its third SIGINT
+    exits the process."""
+    os.kill(int(pid), signal.SIGINT)
+    deadline = time.time() + LOCAL_CANCEL_GRACE_S
+    while _local_job_alive(pid) and time.time() < deadline:
+        time.sleep(0.5)
+    for _ in range(2):
+        if _local_job_alive(pid):
+            os.kill(int(pid), signal.SIGINT)
+            time.sleep(1.0)
 
 
 class LogTail:
