@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -204,11 +205,28 @@ def record(submission: Submission) -> None:
         f.write(json.dumps(dataclasses.asdict(submission)) + "\n")
 
 
+@contextlib.contextmanager
+def _interruptible_children():
+    """A shell's background job (``nohup ... &``, cron) starts with SIGINT ignored, and an
+    ignored signal stays ignored across exec: the local job and submitit's controller would
+    ignore the SIGINT ``drray cancel`` sends (seen in CI run that way: a cancelled job trained
+    on). A Python handler is reset to the default on exec, so the children start interruptible."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def submit(fn: Callable, args: tuple, *, name: str, run_dir: Path, profile: Profile, cluster: str,
            config: str = "", depends_on: str | None = None) -> Submission:
     folder = (Path(run_dir) / "slurm").resolve()
     executor = make_executor(folder, profile, cluster, name, depends_on)
-    with _std_streams_not_inherited() if cluster == "local" else contextlib.nullcontext():
+    with _std_streams_not_inherited() if cluster == "local" else contextlib.nullcontext(), \
+            _interruptible_children() if cluster == "local" else contextlib.nullcontext():
         job = executor.submit(ClusterJob(fn, *args, ray_timeout_s=profile.ray_start_timeout_s))
     submission = _submission(job.job_id, name, cluster, folder, run_dir, profile, config, depends_on)
     record(submission)
