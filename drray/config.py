@@ -103,8 +103,12 @@ class LabelsConfig:
     strategy: Literal["random", "balanced"] = "random"
     seed: int = 0
     # The budget's share held out to choose epochs, stop early and fix operating thresholds.
-    # 0: no validation (last-epoch models, no early stopping, no operating point fixed).
+    # 0: no validation (last-epoch models, no early stopping; operating points then only from
+    # out-of-fold predictions: the oof section).
     validation: float = 0.2
+    # [j, k]: train on the budget less its fold j of k (whole patients, stratified by grade,
+    # seeded by labels.seed). The oof stage sets it for the models it trains; null: all of it.
+    fold: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,20 @@ class EvaluateConfig(InferenceConfig):
     # each operating point also gets its PPV and NPV there (Bayes' rule). None: the test sets' own.
     prevalence: float | None = None
     tsne_images: int = 1000  # images per t-SNE panel (a seeded sample of the external, else EyePACS test set); 0: none
+
+
+@dataclass(frozen=True)
+class OofConfig:
+    """Operating thresholds without a validation hold-out (labels.validation 0): out-of-fold
+    predictions on the budget's own labeled images. Every model named here is trained again
+    ``folds`` times, each time on the budget less one fold of whole patients, together with the
+    labeled stages before it (the student: teacher, pseudo-labels, distillation and its
+    fine-tuning, since its teacher saw every label); fold j's model predicts fold j, and the
+    pooled predictions choose the model's threshold. No label outside the budget is read, and
+    none from a test set. It costs ``folds`` times those stages (the student's chain the most)."""
+
+    folds: int = 0  # 0: off (no validation images then fix no operating point); else >= 2
+    models: tuple[str, ...] = ()  # the published models it fixes a threshold for; empty: all of them
 
 
 @dataclass(frozen=True)
@@ -374,6 +392,7 @@ class Config:
     mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    oof: OofConfig = field(default_factory=OofConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     table1: Table1Config = field(default_factory=Table1Config)
     # Where the config came from; not a YAML key. Relative paths in the file are relative
@@ -656,7 +675,7 @@ RANGES: dict[str, Range] = {
                      "concurrent_trials", "patience", "count", "counts", "num_cpus", "max_pixels"), POSITIVE_INT),
     **dict.fromkeys(("test_n", "warmup_epochs", "monitor_every", "max_failures", "rampup_epochs", "tsne_images",
                      "randaugment_ops", "weight_decay", "min_delta", "lambda_u", "jitter_strength", "jitter",
-                     "seeds"),
+                     "seeds", "folds", "fold"),
                     NON_NEGATIVE),
     **dict.fromkeys(("hflip", "vflip", "jitter_prob", "grayscale_prob", "blur_prob", "threshold", "cutout"),
                     PROBABILITY),

@@ -104,6 +104,11 @@ def bootstrap_auc_ci(targets: np.ndarray, scores: np.ndarray, resamples: int = 2
     return float(lo), float(hi)
 
 
+# Where a threshold is chosen when the budget keeps no validation images (jobs.oof): in
+# metrics.json's operating points ("chosen_on") and the report's sentence about them.
+OUT_OF_FOLD = "out-of-fold predictions"
+
+
 def threshold_at_sensitivity(targets: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
     """The highest threshold whose sensitivity (score >= threshold counts as positive) reaches
     ``sensitivity`` on these images: chosen on validation data, then applied to test data."""

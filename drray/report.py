@@ -25,7 +25,7 @@ import yaml
 
 from drray.artifacts import RESOLVED_CONFIG, StageDir, atomic_write_text, read_mark
 from drray.config import Config, run_dir
-from drray.metrics import NO_REFERENCE, NOT_AN_INPUT, NOT_GRADABLE
+from drray.metrics import NO_REFERENCE, NOT_AN_INPUT, NOT_GRADABLE, OUT_OF_FOLD
 
 # The paper's Table 1 (2% = 1,000 EyePACS labels; supervised_100: all of them): (method, architecture, EyePACS test, Messidor-2)
 PAPER = {
@@ -391,6 +391,9 @@ def stored_point(row: dict, metrics: dict) -> dict | None:
     return next((op for op in row["operating_points"] if op["target_sensitivity"] == target), row["operating_points"][0])
 
 
+NO_POINT = "none: no validation images or out-of-fold predictions fixed one"
+
+
 def screening_table(rows: list[dict], metrics: dict) -> tuple[list[str], list[list[str]]]:
     at = metrics.get("prevalence") is not None
     header = ["model", "patients (referable)", "AUC [95% CI]", "operating point", "sensitivity (count) [95% CI]",
@@ -400,7 +403,7 @@ def screening_table(rows: list[dict], metrics: dict) -> tuple[list[str], list[li
     for r in rows:
         op = stored_point(r, metrics)
         if op is None:
-            table.append([r["model"], f"{r['n']} ({r['positives']})", _auc(r), "none: no validation images fixed one",
+            table.append([r["model"], f"{r['n']} ({r['positives']})", _auc(r), NO_POINT,
                           *[""] * (len(header) - 4), f"{r['brier']:.3f}", f"{r['ece']:.3f}"])
             continue
         cells = [r["model"], f"{r['n']} ({r['positives']})", _auc(r), f"{op.get('name', op['target_sensitivity'])} "
@@ -457,13 +460,23 @@ def _stard_blocks(run: Path, metrics: dict, sets: dict[str, dict]) -> list[tuple
               f"Positive: {POSITIVE.get(positive, positive)} (data.positive: {positive}). A patient is positive when "
               "any of its evaluated images is; images without a grade are not evaluated."),
         ("h3", "Operating point choice"),
-        ("p", f"Chosen before testing, on the validation hold-out ({first.get('validation_images', '?')} images of the "
-              "EyePACS-style train split, none of them in a test set): the highest threshold whose sensitivity on "
-              f"the validation images reaches {first.get('target_sensitivity', 0):.0%} (evaluate.operating_sensitivity), "
+        ("p", _choice_text(first) + f"{first.get('target_sensitivity', 0):.0%} (evaluate.operating_sensitivity), "
               "then applied unchanged to every test set and stored with each model for `drray predict`. A patient "
-              f"is flagged when any of its images is. Thresholds: {chosen or 'not recorded'}."),
+              f"is flagged when any of its images is. Thresholds: {chosen or 'none fixed'}."),
         ("h3", "Missing and ungradable data"), ("p", MISSING_RULE),
     ]
+
+
+def _choice_text(point: dict) -> str:
+    """Where the thresholds were chosen, the start of the report's sentence."""
+    n = point.get("validation_images", "?")
+    if point.get("chosen_on") == OUT_OF_FOLD:
+        return (f"Chosen before testing, on out-of-fold predictions ({n} images: the whole label budget, "
+                "labels.validation 0): each model trained again once per fold (oof.folds) on the budget less one "
+                "fold of whole patients, each image predicted by the model that did not see its label; the highest "
+                "threshold whose sensitivity on those predictions reaches ")
+    return (f"Chosen before testing, on the validation hold-out ({n} images of the EyePACS-style train split, none "
+            "of them in a test set): the highest threshold whose sensitivity on the validation images reaches ")
 
 
 MISSING_RULE = ("Counts from each prepared set's manifest and rejects (drray prepare). Imageability counts against "

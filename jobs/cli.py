@@ -14,7 +14,7 @@ import click
 import drray
 from drray.config import ConfigError, DatasetConfig, IdFrom, SyntheticConfig, load_config, run_dir
 from drray.progress import configure_logging, log_only, log_to_file
-from jobs.stages import STAGES
+from jobs.stages import STAGES, check_oof
 
 # Jobs that `drray run JOB --config CFG` knows besides the stages (jobs.stages.STAGES): the
 # commands that run several stages. name -> (module:function, one-line description).
@@ -335,6 +335,7 @@ def checked_config(config_path: Path, overrides: tuple[str, ...], job: str):
 
     cfg = load_config(config_path, overrides)
     check_settings(cfg, files=job not in NO_TRAINING)
+    check_oof(cfg)
     claim_run_folders(cfg)
     return cfg
 
@@ -358,6 +359,7 @@ def config_command(config_path: Path | None, overrides: tuple[str, ...], default
     try:
         cfg = load_config(config_path, overrides)
         check_settings(cfg, files=False)
+        check_oof(cfg)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(dump_yaml(cfg), nl=False)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from drray.artifacts import StageDir, atomic_directory, sha256_file, write_resolved_config
 from drray.config import Config, ScalingConfig, run_dir, stages_dir
 from drray.data.shards import read_index
-from drray.data.splits import binary_target, sample_labeled
+from drray.data.splits import binary_target, patient_folds, patient_of, sample_labeled
 from drray.distributed.datasets import Selection, Stream
 from drray.distributed.prepare import ensure_prepared
 from drray.distributed.runtime import ensure_ray
@@ -51,13 +51,15 @@ class LabeledSubset:
     labeled: dict[str, float]  # image_id -> binary target: the budget's images a method trains on
     validation: dict[str, float]  # the budget's images that choose epochs and thresholds
     available: int  # labeled train images in the data: what a fraction is of
+    heldout: dict[str, float] = dataclasses.field(default_factory=dict)  # labels.fold's fold: not trained on
 
     @property
     def used(self) -> int:  # the budget spent: train + validation
-        return len(self.labeled) + len(self.validation)
+        return len(self.labeled) + len(self.validation) + len(self.heldout)
 
     def record(self) -> dict:
-        return {"labeled": sorted(self.labeled), "validation": sorted(self.validation)}
+        held = {"heldout": sorted(self.heldout)} if self.heldout else {}
+        return {"labeled": sorted(self.labeled), "validation": sorted(self.validation), **held}
 
 
 def labeled_subset(cfg: Config) -> LabeledSubset:
@@ -79,7 +81,14 @@ def labeled_subset(cfg: Config) -> LabeledSubset:
     target = lambda i: float(binary_target(rows[i]["grade"], positive, rows[i]["dme"]))  # noqa: E731
     record_labels_read(cfg, {i: ("train", rows[i]["grade"]) for i in labeled}
                        | {i: ("validation", rows[i]["grade"]) for i in validation})
-    return LabeledSubset({i: target(i) for i in labeled}, {i: target(i) for i in validation}, len(rows))
+    heldout = set()
+    if lab.fold is not None:  # the oof stage's fold j of k: trained on the rest, predicted by that model
+        j, k = lab.fold
+        folds = patient_folds(labeled, [rows[i]["grade"] for i in labeled], k, seed=lab.seed, positive=positive,
+                              patients={i: rows[i]["patient_id"] for i in labeled}, dme=[rows[i]["dme"] for i in labeled])
+        heldout = {i for i in labeled if folds[i] == j}
+    return LabeledSubset({i: target(i) for i in labeled if i not in heldout}, {i: target(i) for i in validation},
+                         len(rows), {i: target(i) for i in sorted(heldout)})
 
 
 LABELS_FILE = "labels.parquet"  # in the run directory: every labeled training image a stage read
@@ -103,6 +112,12 @@ def record_labels_read(cfg: Config, read: dict[str, tuple[str, int]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table.sort_by("image_id"), tmp)
     tmp.replace(path)
+
+
+def patients_of(prepared: str) -> dict[str, str]:
+    """image_id -> patient_id of a prepared set: its shards' column, or for shards without one
+    EyePACS's rule (10_left -> 10; else the image is its own patient)."""
+    return {r["image_id"]: r.get("patient_id") or patient_of(r["image_id"]) for r in read_index(prepared).to_pylist()}
 
 
 def labeled_stream(cfg: Config, targets: dict[str, float]) -> Stream:
@@ -134,7 +149,7 @@ def inputs_of(cfg: Config, r: stages.Resolved) -> dict[str, str]:
         upstream = StageDir(path)
         if name == "pseudolabel":
             files[name] = upstream.file(stages.PSEUDOLABELS)
-        elif name == "teacher":  # it labels with its best model
+        elif name == "teacher" or r.stage.name == "oof":  # the model it labels with / the one published
             files[name] = upstream.final_model() / "model.pt"
         else:  # a fine-tuning starts from the upstream stage's final weights
             files[name] = upstream.model / "model.pt"

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from drray.artifacts import Legacy, StageDir, atomic_directory, atomic_write_json, sha256_file
 from drray.config import Config, ConfigError, run_dir, stages_dir
 from drray.data.shards import read_index, read_manifest
-from drray.data.splits import binary_target, patient_of
+from drray.data.splits import binary_target
 from drray.distributed.datasets import Selection
 from drray.distributed.inference import (
     DECODE_ERROR,
@@ -56,6 +56,7 @@ from drray.distributed.inference import (
 from drray.distributed.prepare import ensure_prepared
 from drray.engine.checkpoint import classifier_meta, read_meta
 from drray.metrics import (
+    OUT_OF_FOLD,
     bootstrap_auc_ci,
     brier_score,
     clustered_delong_test,
@@ -90,7 +91,9 @@ METHODS = {
     "delong": "DeLong's test in Obuchowski's (1997) clustered form, patients the clusters (at patient level each "
               "patient is one unit: plain DeLong)",
     "patient": "worse eye: the patient's highest probability; its target 1 when any of its images is positive",
-    "operating_point": "threshold chosen on the validation images at the target sensitivity, applied unchanged",
+    "operating_point": "the highest threshold reaching the target sensitivity on the validation images (with "
+                       "labels.validation 0: on the model's out-of-fold predictions on the budget, oof.folds), "
+                       "applied unchanged",
     "ece": f"{CALIBRATION_BINS} equal-width bins [b/{CALIBRATION_BINS}, (b+1)/{CALIBRATION_BINS}): "
            "sum_b n_b/n |observed_b - mean_prob_b|",
     "at_prevalence": "PPV/NPV by Bayes' rule from sensitivity and specificity; interval from the corners of their "
@@ -126,12 +129,6 @@ def labeled_targets(prepared: str, positive: str, split: str | None) -> dict[str
             if r["grade"] is not None and (split is None or r["split"] == split)}
 
 
-def patients_of(prepared: str) -> dict[str, str]:
-    """image_id -> patient_id of a prepared set: its shards' column, or for shards without one
-    EyePACS's rule (10_left -> 10; else the image is its own patient)."""
-    return {r["image_id"]: r.get("patient_id") or patient_of(r["image_id"]) for r in read_index(prepared).to_pylist()}
-
-
 def evaluation_sets(cfg: Config) -> dict[str, Selection]:
     """The sets every model is evaluated on (the data is prepared: see ``run``), each image with
     its target and its patient."""
@@ -141,25 +138,52 @@ def evaluation_sets(cfg: Config) -> dict[str, Selection]:
         return Selection.clean(prepared, size, split=split, targets=targets, patients={i: patients[i] for i in targets})
 
     eyepacs = cfg.data.eyepacs.prepared
-    patients = patients_of(eyepacs)
+    patients = common.patients_of(eyepacs)
     validation = common.labeled_subset(cfg).validation  # empty with labels.validation 0: no operating point
     sets = {VALIDATION: graded(eyepacs, "train", validation, patients)} if validation else {}
     sets[EYEPACS_TEST] = graded(eyepacs, "test", labeled_targets(eyepacs, positive, "test"), patients)
     if cfg.data.external is not None:
         external = cfg.data.external.prepared
-        sets[EXTERNAL] = graded(external, None, labeled_targets(external, positive, None), patients_of(external))
+        sets[EXTERNAL] = graded(external, None, labeled_targets(external, positive, None), common.patients_of(external))
     empty = [name for name, sel in sets.items() if not sel.targets]
     if empty:
         raise ValueError(f"evaluate: no graded images in {', '.join(empty)}")
     return sets
 
 
-def stage_dir(cfg: Config, models: dict[str, Path], manifest: dict, external: dict | None) -> StageDir:
+def stage_dir(cfg: Config, models: dict[str, str], manifest: dict, external: dict | None,
+              oof: dict[str, tuple[np.ndarray, np.ndarray]]) -> StageDir:
     """``<run.stages>/evaluate-<key>``: evaluate is the one stage whose key holds its inputs'
-    content (the models it is given, which any checkpoint folder can be), not upstream keys."""
-    key = stages.key_of("evaluate", cfg.evaluate, cfg.labels, {n: sha256_file(p / "model.pt") for n, p in models.items()},
-                        stages.data_key(cfg, manifest), external["content_hash"] if external else None, CONTRACT)
+    content (the models it is given by hash, which any checkpoint folder can be, and the
+    out-of-fold predictions it chooses thresholds on), not upstream keys."""
+    oof_part = {m: stages.key_of(y.tolist(), p.tolist()) for m, (y, p) in oof.items()} or None  # None: the key of runs made before out-of-fold thresholds
+    key = stages.key_of("evaluate", cfg.evaluate, stages.labels_part(cfg), models, stages.data_key(cfg, manifest),
+                        external["content_hash"] if external else None, CONTRACT, *([oof_part] if oof_part else []))
     return StageDir(stages_dir(cfg).resolve() / f"evaluate-{key}")
+
+
+def out_of_fold(cfg: Config, manifest: dict, hashes: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """model -> (targets, probabilities) of its out-of-fold predictions on the budget (jobs.oof),
+    for each evaluated model that is the full-budget model those folds stand for (by the hash of
+    its weights); {} when oof.folds is 0. Raises when it is on and has not run."""
+    if not cfg.oof.folds:
+        return {}
+    r = stages.resolve(cfg, manifest)["oof"]
+    done = r.dir.done()
+    if done is None:
+        raise FileNotFoundError(f"evaluate: oof.folds is {cfg.oof.folds}, but the out-of-fold predictions are not "
+                                f"made yet ({r.dir.path}): run `drray run oof` (or the pipeline) first")
+    table = pq.read_table(r.dir.file(stages.OOF_PREDICTIONS)).to_pydict()
+    out = {}
+    for m, digest in hashes.items():
+        if done["inputs"].get(m) != digest:
+            if m in done["inputs"] or m in stages.oof_models(cfg):
+                say("evaluate", f"{m}: not the model the out-of-fold predictions were made for: no threshold from them")
+            continue
+        rows = [i for i, name in enumerate(table["model"]) if name == m]
+        out[m] = (np.asarray([table["target"][i] for i in rows], np.float32),
+                  np.asarray([table["prob"][i] for i in rows], np.float32))
+    return out
 
 
 def run(cfg: Config) -> dict:
@@ -169,13 +193,15 @@ def run(cfg: Config) -> dict:
     manifest = common.prepared_eyepacs(cfg)
     external = ensure_prepared("external", cfg.data.external, cfg) if cfg.data.external else None
     models = models_of(cfg)
-    stage = stage_dir(cfg, models, manifest, external)
+    hashes = {n: sha256_file(p / "model.pt") for n, p in models.items()}
+    oof = out_of_fold(cfg, manifest, hashes)
+    stage = stage_dir(cfg, hashes, manifest, external, oof)
     out = stage.path
     skipped = stage.is_done()
     if skipped:
         log.info("evaluate: complete in %s, skipped", out)
     else:
-        _evaluate(cfg, models, out)
+        _evaluate(cfg, models, out, oof)
     metrics = json.loads((out / "metrics.json").read_text())
     shutil.copyfile(out / "metrics.json", run_dir(cfg) / "metrics.json")
     _store_operating_points(cfg, models, metrics)
@@ -183,7 +209,7 @@ def run(cfg: Config) -> dict:
         {k: r[k] for k in ("model", "test_set", "unit", "n", "auc", "auc_ci")} for r in metrics["results"]]}
 
 
-def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
+def _evaluate(cfg: Config, models: dict[str, Path], out: Path, oof: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     inference = Inference.of(cfg.evaluate, "evaluate", cfg.share)
     check_resources(inference, "evaluate")
     sets = evaluation_sets(cfg)
@@ -197,7 +223,7 @@ def _evaluate(cfg: Config, models: dict[str, Path], out: Path) -> None:
                         + ", ".join(f"{r['test_set']}/{r['image_id']}" for r in undecodable[:5]))
     with atomic_directory(out, what="evaluation folder", legacy=EVALUATION_LEGACY) as tmp:
         _write_predictions(columns, models, tmp / "predictions.parquet")
-        metrics = {**compute_metrics(columns, models, cfg), "imageability": test_set_imageability(cfg),
+        metrics = {**compute_metrics(columns, models, cfg, oof), "imageability": test_set_imageability(cfg),
                    "undecodable": undecodable}
         _figures(columns, models, metrics, cfg, tmp, features)
         atomic_write_json(tmp / "metrics.json", metrics)
@@ -258,21 +284,40 @@ def _write_predictions(columns: dict, models: dict, path: Path) -> None:
     pq.write_table(pa.concat_tables(tables), path)
 
 
-def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
-    """Every number of the evaluation, from the prediction columns: a row per model, test set
-    and unit, and DeLong's test between every two models per test set and unit."""
-    ev = cfg.evaluate
-    y_val = columns["target"][columns["test_set"] == VALIDATION]
-    # Thresholds are fixed on the validation images only, never on a test set: without any
-    # (labels.validation 0), or without a referable one among them (a small budget's few
-    # validation images), no operating point is fixed, and drray predict asks for --threshold.
-    fixable = 0 < y_val.sum() < y_val.size
-    if y_val.size and not fixable:
-        say("evaluate", f"no operating point fixed: the {y_val.size} validation images are all of one class "
+def threshold_data(columns: dict, models: dict, oof: dict) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """Per model, what its thresholds are chosen on: (where, targets, probabilities). Never a
+    test set: the validation images, else (labels.validation 0) the model's out-of-fold
+    predictions on the budget. A model with neither, or with a single class there (a small
+    budget's few validation images), gets none: no operating point, drray predict asks for
+    --threshold."""
+    validation = columns["test_set"] == VALIDATION
+    chosen, refused = {}, set()
+    for m in models:
+        if validation.any():
+            where, y, p = VALIDATION, columns["target"][validation], columns[prob_column(m)][validation]
+        elif m in oof:
+            where, (y, p) = OUT_OF_FOLD, oof[m]
+        else:
+            continue
+        if 0 < y.sum() < y.size:
+            chosen[m] = (where, y, p)
+        else:
+            refused.add((where, y.size))
+    for where, n in sorted(refused):
+        say("evaluate", f"no operating point fixed: the {n} images of the {where} are all of one class "
                         f"(give the budget more labels, or labels.validation a larger share)")
-    wanted = sorted({*ev.sensitivities, ev.operating_sensitivity}) if fixable else []
-    thresholds = {m: {s: threshold_at_sensitivity(y_val, columns[prob_column(m)][columns["test_set"] == VALIDATION], s)
-                      for s in wanted} for m in models}
+    return chosen
+
+
+def compute_metrics(columns: dict, models: dict, cfg: Config, oof: dict | None = None) -> dict:
+    """Every number of the evaluation, from the prediction columns: a row per model, test set
+    and unit, and DeLong's test between every two models per test set and unit. ``oof``: model
+    -> (targets, probabilities) out of fold, to choose thresholds on without validation images."""
+    ev = cfg.evaluate
+    chosen = threshold_data(columns, models, oof or {})
+    wanted = sorted({*ev.sensitivities, ev.operating_sensitivity})
+    thresholds = {m: {s: threshold_at_sensitivity(y, p, s) for s in wanted} for m, (_, y, p) in chosen.items()}
+    thresholds |= {m: {} for m in models if m not in chosen}
     results, comparisons = [], []
     for test_set in dict.fromkeys(columns["test_set"].tolist()):
         classes = np.unique(columns["target"][columns["test_set"] == test_set])
@@ -284,11 +329,12 @@ def compute_metrics(columns: dict, models: dict, cfg: Config) -> dict:
             y, clusters, probs = unit_columns(columns, models, test_set, unit)
             for m in models:
                 results.append({"model": m, "test_set": test_set, "unit": unit,
-                                **unit_result(y, probs[m], clusters, thresholds[m], ev)})
+                                **unit_result(y, probs[m], clusters, thresholds[m], ev, chosen.get(m, ("",))[0])})
             comparisons += _comparisons(y, clusters, probs, test_set, unit)
-    operating = {m: {"name": point_name(ev.operating_sensitivity), "threshold": thresholds[m][ev.operating_sensitivity],
-                     "target_sensitivity": ev.operating_sensitivity, "chosen_on": VALIDATION,
-                     "validation_images": int(y_val.size)} for m in models if thresholds[m]}
+    # "validation_images": the images it was chosen on (the name drray predict has always read)
+    operating = {m: {"name": point_name(ev.operating_sensitivity, where), "target_sensitivity": ev.operating_sensitivity,
+                     "threshold": thresholds[m][ev.operating_sensitivity], "chosen_on": where,
+                     "validation_images": int(y.size)} for m, (where, y, _) in chosen.items()}
     return {"contract": CONTRACT, "results": results, "delong": comparisons, "operating_points": operating,
             "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95, "resampled": "patients"},
             "calibration_bins": CALIBRATION_BINS, "prevalence": ev.prevalence, "methods": METHODS}
@@ -320,25 +366,27 @@ def unit_columns(columns: dict, models: dict, test_set: str, unit: str) -> tuple
     return y, ids, probs
 
 
-def unit_result(y: np.ndarray, p: np.ndarray, clusters: np.ndarray, thresholds: dict[float, float], ev) -> dict:
+def unit_result(y: np.ndarray, p: np.ndarray, clusters: np.ndarray, thresholds: dict[float, float], ev,
+                chosen_on: str = VALIDATION) -> dict:
     """One model on one test set at one unit."""
     lo, hi = bootstrap_auc_ci(y, p, ev.bootstrap, ev.seed, clusters=clusters)
     return {"n": int(len(y)), "positives": int(y.sum()), "patients": int(len(set(clusters.tolist()))),
             "auc": roc_auc(y, p), "auc_ci": [lo, hi], "brier": brier_score(y, p),
             "ece": expected_calibration_error(y, p, CALIBRATION_BINS),
             "reliability": reliability_bins(y, p, CALIBRATION_BINS),
-            "operating_points": [operating_point(y, p, thresholds[s], s, clusters, ev.prevalence)  # the stored one too
+            "operating_points": [operating_point(y, p, thresholds[s], s, clusters, ev.prevalence, chosen_on)  # the stored one too
                                  for s in dict.fromkeys([*ev.sensitivities, ev.operating_sensitivity])
                                  if s in thresholds]}
 
 
-def point_name(target: float) -> str:
+def point_name(target: float, chosen_on: str = VALIDATION) -> str:
     """An operating point as ``drray predict`` names it."""
-    return f"{target:.0%} sensitivity on {VALIDATION}"
+    return f"{target:.0%} sensitivity on {chosen_on}"
 
 
 def operating_point(targets: np.ndarray, probs: np.ndarray, threshold: float, target: float,
-                    clusters: np.ndarray | None = None, prevalence: float | None = None) -> dict:
+                    clusters: np.ndarray | None = None, prevalence: float | None = None,
+                    chosen_on: str = VALIDATION) -> dict:
     """One operating point on a test set: sensitivity, specificity, PPV and NPV with the counts
     they are made of and their 95% Wilson intervals (a test set's few positives make them wide;
     over images, widened by how much a patient's images agree: :func:`clustered_wilson_interval`),
@@ -353,7 +401,7 @@ def operating_point(targets: np.ndarray, probs: np.ndarray, threshold: float, ta
 
     (sensitivity, sensitivity_ci), (specificity, specificity_ci) = share(flagged, positive), share(~flagged, ~positive)
     (ppv, ppv_ci), (npv, npv_ci) = share(positive, flagged), share(~positive, ~flagged)
-    point = {"name": point_name(target), "target_sensitivity": target, "threshold": threshold,
+    point = {"name": point_name(target, chosen_on), "target_sensitivity": target, "threshold": threshold,
              "sensitivity": sensitivity or 0.0, "specificity": specificity or 0.0,  # 0 without a positive / negative
              "ppv": ppv, "npv": npv, **c,  # None when nothing is flagged / passed
              "sensitivity_ci": sensitivity_ci, "specificity_ci": specificity_ci, "ppv_ci": ppv_ci, "npv_ci": npv_ci,

@@ -24,11 +24,18 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from drray.artifacts import StageDir
-from drray.config import Config, FinetuneConfig, SemiSupervisedConfig, stages_dir, to_dict
+from drray.config import (
+    Config,
+    ConfigError,
+    FinetuneConfig,
+    SemiSupervisedConfig,
+    stages_dir,
+    to_dict,
+)
 
 # finetune.start_from values that name a stage (anything else is a checkpoint directory)
 START_FROM = {"pretrain": "pretrain", "distill": "distill"}
@@ -77,6 +84,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("student", "stage 4: the distilled student fine-tuned on the labeled subset",
           "jobs.finetune:run_student", "student_finetune", ("distill",), reads_labels=True, publishes=True,
           training=True, aliases=("student-finetune",)),
+    Stage("oof", "operating thresholds without validation images: each model retrained on folds of the budget",
+          "jobs.oof:run", "oof", reads_labels=True),
     Stage("evaluate", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots",
           "jobs.evaluate:run", "evaluate", reads_labels=True, keyed=False),
     Stage("report", "RUN/report.md and RUN/report.html", "drray.report:run", keyed=False),
@@ -84,6 +93,53 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 BASELINES = ("fixmatch", "mixmatch")  # the stages pipeline.baselines chooses from
 # Published models (RUN/models/<name>) in the order of the paper's Table 1: tables, plots, reports.
 MODEL_ORDER = ("supervised_100", "supervised", "mixmatch", "fixmatch", "teacher", "student")
+
+
+def oof_models(cfg: Config) -> tuple[str, ...]:
+    """The published models the oof stage fixes thresholds for (none when it is off)."""
+    if not cfg.oof.folds:
+        return ()
+    published = [s.name for s in training_stages(cfg) if s.publishes]
+    return tuple(n for n in published if not cfg.oof.models or n in cfg.oof.models)
+
+
+def check_oof(cfg: Config) -> None:
+    """The out-of-fold settings, before any work: folds 0 or at least 2, only without a
+    validation hold-out (which chooses thresholds itself), models this config publishes."""
+    where = cfg.origin().of
+    folds, fold = cfg.oof.folds, cfg.labels.fold
+    if folds == 1:
+        raise ConfigError(f"{where('oof.folds')}: key 'oof.folds' is 1: out-of-fold predictions need at least 2 "
+                          f"folds (5 is usual; 0: off)")
+    if folds and cfg.labels.validation:
+        raise ConfigError(f"{where('oof.folds')}: key 'oof.folds' is {folds}, but labels.validation is "
+                          f"{cfg.labels.validation:g}: the validation images choose the thresholds then; set "
+                          f"labels.validation=0 to train on the whole budget and choose them out of fold")
+    published = [s.name for s in training_stages(cfg) if s.publishes]
+    unknown = [m for m in cfg.oof.models if m not in published]
+    if unknown:
+        raise ConfigError(f"{where('oof.models')}: key 'oof.models': {unknown[0]!r} is not a model this config "
+                          f"trains (it trains: {', '.join(published)}; a baseline also needs pipeline.baselines)")
+    if fold is not None and not (fold[1] >= 2 and 0 <= fold[0] < fold[1]):
+        raise ConfigError(f"{where('labels.fold')}: key 'labels.fold': {list(fold)!r} is not [j, k] with "
+                          f"0 <= j < k and k >= 2")
+
+
+def fold_config(cfg: Config, fold: int) -> Config:
+    """``cfg`` with its budget less fold ``fold`` of oof.folds (labels.fold): every stage that
+    reads labels, and what follows them, gets a key of its own."""
+    return replace(cfg, labels=replace(cfg.labels, fold=(fold, cfg.oof.folds)))
+
+
+def chain_of(cfg: Config, name: str) -> list[str]:
+    """Stage ``name`` and every stage it reads, transitively, in the stage table's order."""
+    needed, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo += upstream_of(cfg, STAGES[n])
+    return [n for n in STAGES if n in needed]
 
 
 def stage(name: str) -> Stage:
@@ -141,6 +197,8 @@ def upstream_of(cfg: Config, s: Stage) -> tuple[str, ...]:
         return ("pretrain",) if section.init == "pretrained" else ()
     if s.name == "distill" and cfg.distill.pseudolabels:
         return ()
+    if s.name == "oof":
+        return oof_models(cfg)
     return s.upstream
 
 
@@ -156,7 +214,7 @@ def resolve(cfg: Config, manifest: dict) -> dict[str, Resolved]:
             return resolved[s.name]
         ups = {u: visit(STAGES[u]) for u in upstream_of(cfg, s)}
         key = key_of(s.name, _section_part(cfg, s), cfg.data.size, data_key(cfg, manifest),
-                     training_seed(cfg, s.name), cfg.labels if s.reads_labels else None,
+                     training_seed(cfg, s.name), labels_part(cfg) if s.reads_labels else None,
                      {u: r.key for u, r in ups.items()}, _outside_input(cfg, s))
         resolved[s.name] = Resolved(s, key, StageDir(root / f"{s.name}-{key}"),
                                     {u: r.dir.path for u, r in ups.items()})
@@ -175,6 +233,15 @@ UNKEYED = frozenset({"monitor_every"})
 # are left out of the key, so run directories made before them keep their finished stages (a
 # stage's hours of GPU time are not spent again because drray learnt a new option).
 KEYED_UNLESS_DEFAULT = {"sync_batchnorm": True, "compile": False}
+
+
+def labels_part(cfg: Config) -> dict:
+    """The labels section in a key: labels.fold left out when unset (it came later; the keys of
+    stages trained on the whole budget stay what they were)."""
+    part = to_dict(cfg.labels)
+    if part.get("fold") is None:
+        part.pop("fold", None)
+    return part
 
 
 def _section_part(cfg: Config, s: Stage):
@@ -209,6 +276,7 @@ def _outside_input(cfg: Config, s: Stage) -> str | None:
 
 
 PSEUDOLABELS = "pseudolabels.parquet"  # the pseudolabel stage's table, in its directory
+OOF_PREDICTIONS = "oof_predictions.parquet"  # the oof stage's table, in its directory
 
 
 def pseudolabels_path(cfg: Config, manifest: dict) -> Path:

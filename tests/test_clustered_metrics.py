@@ -395,6 +395,33 @@ def test_without_validation_images_no_operating_point_is_fixed_on_a_test_set():
     assert all(r["operating_points"] == [] and 0 <= r["auc"] <= 1 for r in metrics["results"])
 
 
+def test_without_validation_images_thresholds_come_from_out_of_fold_predictions_only():
+    """labels.validation 0 with oof.folds: a model's thresholds are chosen on its out-of-fold
+    predictions (the budget's images, each from a model that did not see its label), named so
+    in every operating point; a model without them gets none, and no test image chooses one."""
+    from drray.metrics import OUT_OF_FOLD, threshold_at_sensitivity
+    from jobs.evaluate import compute_metrics
+
+    columns = synthetic_columns(2)
+    rng = np.random.default_rng(5)
+    y = (rng.random(40) < 0.3).astype(np.float32)
+    p = np.clip(0.3 * y + rng.random(40) * 0.7, 0, 1).astype(np.float32)
+    tests = {k: v[columns["test_set"] != "validation"] for k, v in columns.items()}
+    metrics = compute_metrics(tests, MODELS, config(bootstrap=50), {"student": (y, p)})
+    point = metrics["operating_points"]["student"]
+    assert point["chosen_on"] == OUT_OF_FOLD and point["validation_images"] == 40
+    assert point["threshold"] == threshold_at_sensitivity(y, p, 0.9)
+    assert point["name"] == "90% sensitivity on out-of-fold predictions"
+    assert "teacher" not in metrics["operating_points"]
+    rows = [r for r in metrics["results"] if r["model"] == "student"]
+    assert all({op["target_sensitivity"] for op in r["operating_points"]} == {0.9, 0.95} for r in rows)
+    assert all(op["name"].endswith(OUT_OF_FOLD) for r in rows for op in r["operating_points"])
+    assert all(r["operating_points"] == [] for r in metrics["results"] if r["model"] == "teacher")
+    # validation images, where there are any, choose: out-of-fold predictions are for a budget without them
+    with_validation = compute_metrics(columns, MODELS, config(bootstrap=50), {"student": (y, p)})
+    assert with_validation["operating_points"]["student"]["chosen_on"] == "validation"
+
+
 def test_validation_images_of_one_class_fix_no_operating_point():
     """A small budget's validation part may hold no referable image (ci's sweep at 10%: 12
     validation images): no threshold can be chosen for a sensitivity; none is taken from a test set."""

@@ -126,3 +126,48 @@ def test_a_baseline_started_from_the_pretraining_depends_on_it(cfg):
     assert common.finished(started, fixmatch)["skipped"] is True
     (pretrain.dir.model / "model.pt").write_bytes(b"weights v2")  # the pretraining was replaced
     assert common.finished(started, fixmatch) is None
+
+
+def test_a_fold_of_the_budget_is_its_own_stage_and_unset_keeps_every_key(cfg):
+    """labels.fold (the oof stage's) gives every stage that reads labels, and what follows
+    them, a key of its own, and shares the pretraining; unset, it is left out of the key, so
+    stages made before it existed keep theirs."""
+    from drray.config import to_dict
+
+    assert "fold" not in stages.labels_part(cfg) and "fold" in to_dict(cfg.labels)
+    assert stages.labels_part(cfg) == {k: v for k, v in to_dict(cfg.labels).items() if k != "fold"}
+    base = keys(cfg)
+    fold = keys(stages.fold_config(dataclasses.replace(cfg, oof=dataclasses.replace(cfg.oof, folds=3)), 1))
+    assert {s for s in base if fold[s] == base[s]} == {"pretrain"}
+    other = keys(stages.fold_config(dataclasses.replace(cfg, oof=dataclasses.replace(cfg.oof, folds=3)), 2))
+    assert other["teacher"] != fold["teacher"]
+
+
+def test_out_of_fold_retrains_each_model_with_the_labeled_stages_before_it(tmp_path):
+    cfg = load_config(CI, [f"run.dir={tmp_path}", "labels.validation=0", "oof.folds=2",
+                           "pipeline.baselines=[fixmatch]"])
+    stages.check_oof(cfg)
+    assert stages.oof_models(cfg) == ("teacher", "supervised", "fixmatch", "student")
+    assert stages.chain_of(cfg, "student") == ["pretrain", "teacher", "pseudolabel", "distill", "student"]
+    assert stages.chain_of(cfg, "supervised") == ["supervised"]
+    resolved = stages.resolve(cfg, MANIFEST)
+    assert set(resolved["oof"].upstream) == {"teacher", "supervised", "fixmatch", "student"}
+    chosen = load_config(CI, [f"run.dir={tmp_path}", "labels.validation=0", "oof.folds=2", "oof.models=[student]"])
+    assert stages.oof_models(chosen) == ("student",)
+    off = stages.resolve(load_config(CI, [f"run.dir={tmp_path}"]), MANIFEST)
+    assert off["oof"].upstream == {}  # off: it reads nothing, and nothing is retrained
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["labels.validation=0", "oof.folds=1"], r"--set oof.folds=1: key 'oof.folds' is 1: .* at least 2 folds"),
+    (["oof.folds=5"], r"'oof.folds' is 5, but labels.validation is 0.5: .* set labels.validation=0"),
+    (["labels.validation=0", "oof.folds=2", "oof.models=[fixmatch]"],
+     r"'oof.models': 'fixmatch' is not a model this config trains .* pipeline.baselines"),
+    (["labels.fold=[2, 2]"], r"'labels.fold': \[2, 2\] is not \[j, k\]"),
+])
+def test_out_of_fold_settings_are_refused_before_any_work(tmp_path, sets, message):
+    from drray.config import ConfigError
+
+    cfg = load_config(CI, [f"run.dir={tmp_path}", *sets])
+    with pytest.raises(ConfigError, match=message):
+        stages.check_oof(cfg)

@@ -364,3 +364,16 @@ def sample_labeled(ids: Sequence[str], grades: Sequence[int], *, fraction: float
     if not train:
         raise SamplingError(f"labels.validation {validation} of a budget of {k} images leaves none to train on")
     return train, held_out
+
+
+def patient_folds(ids: Sequence[str], grades: Sequence[int], k: int, *, seed: int = 0, positive: str = "referable",
+                  patients: Mapping[str, str] | None = None, dme: Sequence[int | None] | None = None) -> dict[str, int]:
+    """image id -> fold 0..k-1 of a labeled set (the out-of-fold thresholds' folds): whole
+    patients, stratified by the worse eye's grade (random sampling's seeded order, dealt round
+    robin), so each fold holds each grade in its share and no patient is in two folds."""
+    if k < 2:
+        raise SamplingError(f"out-of-fold predictions need at least 2 folds, got {k}")
+    found = _patients(ids, grades, patients, dme, positive)
+    if len(found) < k:
+        raise SamplingError(f"{k} folds need at least {k} patients; the labeled images are of {len(found)}")
+    return {i: n % k for n, p in enumerate(_patient_order(found, "random", seed + 1)) for i in p.images}

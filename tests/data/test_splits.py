@@ -14,6 +14,7 @@ from drray.data.splits import (
     binary_target,
     check_partition_out,
     label_order,
+    patient_folds,
     patient_of,
     random_partition,
     read_partition,
@@ -374,3 +375,24 @@ def test_referable_dme_balances_on_dme_too():
     assert sum(dme[ids.index(i)] for i in labeled) == 10
     with pytest.raises(SamplingError, match="smaller class has only 0"):
         sample_labeled(ids, grades, count=20, strategy="balanced", positive="referable_dme")
+
+
+def test_folds_are_whole_patients_stratified_and_seeded():
+    """The out-of-fold thresholds' folds: every image in one fold, a patient's eyes together,
+    each fold with the budget's share of referable patients (within one), the same for the
+    same seed."""
+    rng = np.random.default_rng(4)
+    ids = [f"{p}_{eye}" for p in range(60) for eye in ("left", "right")]
+    grades = list(rng.choice(5, size=len(ids), p=[0.6, 0.1, 0.2, 0.05, 0.05]))
+    folds = patient_folds(ids, grades, 3, seed=2)
+    assert set(folds) == set(ids) and set(folds.values()) == {0, 1, 2}
+    assert all(folds[f"{p}_left"] == folds[f"{p}_right"] for p in range(60))
+    worse = {p: max(grades[2 * p], grades[2 * p + 1]) for p in range(60)}
+    referable = [sum(worse[p] >= 2 for p in range(60) if folds[f"{p}_left"] == j) for j in range(3)]
+    assert max(referable) - min(referable) <= 1
+    assert [sum(folds[f"{p}_left"] == j for p in range(60)) for j in range(3)] == [20, 20, 20]
+    assert folds == patient_folds(ids, grades, 3, seed=2) != patient_folds(ids, grades, 3, seed=3)
+    with pytest.raises(SamplingError, match="at least 2 folds"):
+        patient_folds(ids, grades, 1)
+    with pytest.raises(SamplingError, match="4 folds need at least 4 patients; the labeled images are of 3"):
+        patient_folds(ids[:6], grades[:6], 4)
