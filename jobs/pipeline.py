@@ -2,7 +2,7 @@
 baselines ``pipeline.baselines`` names), then the evaluation and the report.
 
     prepare -> pretrain -> teacher -> supervised -> baselines -> pseudolabel -> distill
-            -> student -> models -> evaluate -> report
+            -> student -> oof -> models -> evaluate -> report
 
 Each stage's output is keyed by its config and inputs (``jobs.stages``), and a finished stage is
 skipped: a rerun after a crash redoes only what is missing, a changed downstream setting reuses

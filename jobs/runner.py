@@ -3,7 +3,7 @@
 trial run their steps through here.
 
     prepare -> pretrain -> teacher -> supervised -> baselines -> pseudolabel -> distill
-            -> student -> models -> evaluate -> report
+            -> student -> oof -> models -> evaluate -> report
 
 ``baselines`` runs the stages ``pipeline.baselines`` names (FixMatch, MixMatch; none by
 default); ``models`` publishes every trained stage's final model as ``RUN/models/<stage>``.

@@ -84,7 +84,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("student", "stage 4: the distilled student fine-tuned on the labeled subset",
           "jobs.finetune:run_student", "student_finetune", ("distill",), reads_labels=True, publishes=True,
           training=True, aliases=("student-finetune",)),
-    Stage("oof", "operating thresholds without validation images: each model retrained on folds of the budget",
+    Stage("oof", "thresholds without validation images: each model retrained per fold of the budget (oof.folds)",
           "jobs.oof:run", "oof", reads_labels=True),
     Stage("evaluate", "AUC with 95% CIs, operating points, DeLong, ROC and t-SNE plots",
           "jobs.evaluate:run", "evaluate", reads_labels=True, keyed=False),

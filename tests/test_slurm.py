@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,9 +62,12 @@ def cluster(tmp_path_factory):
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def drray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def drray(*args: str, timeout: float = 120, sigint_ignored: bool = False) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``sigint_ignored``: started as from ``nohup ... &`` or cron, with
+    SIGINT ignored (inherited by everything it starts unless drray undoes it)."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=ignore)
 
 
 def submitted_ids(output: str) -> list[str]:
@@ -199,10 +203,12 @@ def test_local_executor_runs_a_job_without_slurm(tmp_path, monkeypatch):
     ended = drray("cancel", job_id)
     assert ended.returncode != 0 and "had already ended: COMPLETED" in ended.stderr
     assert drray("submit", "prepare", "--config", str(CI), "--executor", "local", "--nodes", "2").returncode != 0
-    # a running local job is cancelled: its process ends, `drray jobs` says CANCELLED
+    # a running local job is cancelled: its process ends, `drray jobs` says CANCELLED; submitted
+    # from a shell that ignores SIGINT (nohup, &, cron), whose children would ignore drray cancel's
+    # SIGINT too, unless drray starts them interruptible (two CI runs once trained on so)
     run = tmp_path / "long"
     started = drray("submit", "pretrain", "--config", str(CI), "--set", f"run.dir={run}", "--set", "pretrain.epochs=50",
-                    "--executor", "local")
+                    "--executor", "local", sigint_ignored=True)
     (long_id,) = submitted_ids(started.stdout)
     log = run / "slurm" / f"{long_id}_0_log.err"
     deadline = time.time() + 180
