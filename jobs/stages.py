@@ -32,6 +32,7 @@ from drray.config import (
     Config,
     ConfigError,
     FinetuneConfig,
+    OofConfig,
     SemiSupervisedConfig,
     stages_dir,
     to_dict,
@@ -241,6 +242,17 @@ def labels_part(cfg: Config) -> dict:
     part = to_dict(cfg.labels)
     if part.get("fold") is None:
         part.pop("fold", None)
+    return part
+
+
+def settings_part(cfg: Config, leave_out: tuple[str, ...]) -> dict:
+    """The whole config, less the sections ``leave_out``, as a key part (table1's seeds, a
+    sweep's experiment). Settings added later are left out at their defaults (labels.fold, the
+    oof section), so what was made before them is found again."""
+    part = {k: v for k, v in to_dict(cfg).items() if k not in leave_out}
+    part["labels"] = labels_part(cfg)
+    if cfg.oof == OofConfig():
+        part.pop("oof", None)
     return part
 
 

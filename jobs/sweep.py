@@ -26,7 +26,7 @@ from pathlib import Path
 
 from drray import report
 from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
-from drray.config import ClusterShare, Config, run_dir, stages_dir, to_dict
+from drray.config import ClusterShare, Config, run_dir, stages_dir
 from drray.distributed.resources import Demand, inference_demand, training_demand
 from drray.distributed.scaling import (
     ClusterShape,
@@ -89,8 +89,7 @@ def experiment_name(cfg: Config, trials: list[dict]) -> str:
     """Same grid and settings -> same Tune experiment (restored on a rerun); a changed setting
     starts a new one (its trials still reuse every stage the change leaves valid). Where the
     run lives, how many trials run at once and table1's seeds (another job's) do not count."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "sweep", "table1")}
-    return "tune-" + stages.key_of(trials, settings, cfg.run.seed)
+    return "tune-" + stages.key_of(trials, stages.settings_part(cfg, ("run", "sweep", "table1")), cfg.run.seed)
 
 
 # --- resources ---------------------------------------------------------------------------------

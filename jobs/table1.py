@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from drray import report
 from drray.artifacts import atomic_write_json, atomic_write_text, write_resolved_config
-from drray.config import Config, run_dir, stages_dir, to_dict
+from drray.config import Config, run_dir, stages_dir
 from drray.progress import log_only, say
 from jobs import common, stages
 from jobs.runner import Invocations, Step, pipeline_steps, run_steps
@@ -95,8 +95,7 @@ def seed_config(cfg: Config, seed: int) -> Config:
 
 def settings_key(cfg: Config, seed: int) -> str:
     """What a seed's rows depend on: every setting but where things live and the list of seeds."""
-    settings = {k: v for k, v in to_dict(at_seed(cfg, seed)).items() if k not in ("run", "table1")}
-    return stages.key_of(settings, cfg.run.seed)
+    return stages.key_of(stages.settings_part(at_seed(cfg, seed), ("run", "table1")), cfg.run.seed)
 
 
 def finished_seed(cfg: Config, seed: int) -> dict | None:

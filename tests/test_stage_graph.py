@@ -171,3 +171,15 @@ def test_out_of_fold_settings_are_refused_before_any_work(tmp_path, sets, messag
     cfg = load_config(CI, [f"run.dir={tmp_path}", *sets])
     with pytest.raises(ConfigError, match=message):
         stages.check_oof(cfg)
+
+
+def test_settings_added_later_leave_table1s_and_the_sweeps_keys_alone(cfg):
+    """table1's finished seeds and a sweep's Tune experiment are found by a key over the whole
+    config: labels.fold and the oof section, at their defaults, are not in it."""
+    from drray.config import to_dict
+
+    before = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "oof")}
+    before["labels"] = {k: v for k, v in before["labels"].items() if k != "fold"}
+    assert stages.settings_part(cfg, ("run",)) == before
+    on = dataclasses.replace(cfg, oof=dataclasses.replace(cfg.oof, folds=2))
+    assert stages.settings_part(on, ("run",))["oof"] == {"folds": 2, "models": []}

@@ -225,12 +225,18 @@ def submit(fn: Callable, args: tuple, *, name: str, run_dir: Path, profile: Prof
            config: str = "", depends_on: str | None = None) -> Submission:
     folder = (Path(run_dir) / "slurm").resolve()
     executor = make_executor(folder, profile, cluster, name, depends_on)
-    with _std_streams_not_inherited() if cluster == "local" else contextlib.nullcontext(), \
-            _interruptible_children() if cluster == "local" else contextlib.nullcontext():
+    with _local_start() if cluster == "local" else contextlib.nullcontext():
         job = executor.submit(ClusterJob(fn, *args, ray_timeout_s=profile.ray_start_timeout_s))
     submission = _submission(job.job_id, name, cluster, folder, run_dir, profile, config, depends_on)
     record(submission)
     return submission
+
+
+@contextlib.contextmanager
+def _local_start():
+    """How a local job's processes are started: detached from our streams, interruptible."""
+    with _std_streams_not_inherited(), _interruptible_children():
+        yield
 
 
 @contextlib.contextmanager

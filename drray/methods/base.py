@@ -4,6 +4,7 @@ the training device, drray.data.augment), and the Method interface the fit loop 
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -93,6 +94,16 @@ def distribution_aligner(prior: float | None) -> Callable[[torch.Tensor], torch.
         return align_distribution(p, prior, state["mean"])
 
     return align
+
+
+def unlabeled_weight(lambda_u: float, rampup_steps: int, steps_done: int = 0) -> Callable[[], float]:
+    """FixMatch's and MixMatch's weight of the unlabeled loss, one call per step: ``lambda_u``
+    times the linear ramp over ``rampup_steps`` (:func:`drray.losses.linear_rampup`), counted
+    from ``steps_done`` so that a resumed run continues its ramp."""
+    from drray.losses import linear_rampup
+
+    steps = itertools.count(steps_done)
+    return lambda: lambda_u * linear_rampup(next(steps), rampup_steps)
 
 
 class Method(Protocol):

@@ -14,9 +14,17 @@ from drray.losses import (
     binary_cross_entropy,
     fixmatch_targets,
     fixmatch_unlabeled_loss,
-    linear_rampup,
 )
-from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage, distribution_aligner
+from drray.methods.base import (
+    IMAGE,
+    TARGET,
+    U_IMAGE,
+    Step,
+    Views,
+    WeakImage,
+    distribution_aligner,
+    unlabeled_weight,
+)
 
 U_WEAK, U_STRONG = "u_weak", "u_strong"
 
@@ -70,7 +78,7 @@ class FixMatch:
         import torch
 
         align = distribution_aligner(self.prior)
-        state = {"step": steps_done}
+        u_weight = unlabeled_weight(self.lambda_u, self.rampup_steps, steps_done)
 
         def fixmatch_step(model, batch):
             x, weak, strong = batch[IMAGE], batch[U_WEAK], batch[U_STRONG]
@@ -79,8 +87,6 @@ class FixMatch:
             supervised = binary_cross_entropy(logits[:n], batch[TARGET])
             targets, mask = fixmatch_targets(align(torch.sigmoid(logits[n:n + m].detach().float())), self.threshold)
             unlabeled = fixmatch_unlabeled_loss(logits[n + m:], targets, mask)
-            ramp = linear_rampup(state["step"], self.rampup_steps)
-            state["step"] += 1
-            return supervised + self.lambda_u * ramp * unlabeled, n, pseudo_label_stats(targets, mask)
+            return supervised + u_weight() * unlabeled, n, pseudo_label_stats(targets, mask)
 
         return fixmatch_step

@@ -11,8 +11,17 @@ from dataclasses import dataclass
 
 from drray.config import MixMatchConfig
 from drray.data.augment import WeakAugment
-from drray.losses import linear_rampup, mixmatch_losses, mixup_weights, sharpen
-from drray.methods.base import IMAGE, TARGET, U_IMAGE, Step, Views, WeakImage, distribution_aligner
+from drray.losses import mixmatch_losses, mixup_weights, sharpen
+from drray.methods.base import (
+    IMAGE,
+    TARGET,
+    U_IMAGE,
+    Step,
+    Views,
+    WeakImage,
+    distribution_aligner,
+    unlabeled_weight,
+)
 
 
 def view_key(k: int) -> str:
@@ -54,9 +63,9 @@ class MixMatch:
         """``steps_done`` continues the ramp after a resume."""
         import torch
 
-        state = {"step": steps_done}
         keys = [view_key(k) for k in range(self.views)]
         align = distribution_aligner(self.prior)
+        u_weight = unlabeled_weight(self.lambda_u, self.rampup_steps, steps_done)
 
         def mixmatch_step(model, batch):
             x, y = batch[IMAGE], batch[TARGET].float()
@@ -73,10 +82,8 @@ class MixMatch:
             logits = model(weight * inputs + (1 - weight) * inputs[partner])
             mixed = lam * targets + (1 - lam) * targets[partner]
             lx, lu = mixmatch_losses(logits[:n], mixed[:n], logits[n:], mixed[n:])
-            ramp = linear_rampup(state["step"], self.rampup_steps)
-            state["step"] += 1
             stats = {"guess_positive_rate": (guessed >= 0.5).float().mean(),  # the guesses' class balance
                      "guess_confidence": torch.maximum(guessed, 1 - guessed).mean()}
-            return lx + self.lambda_u * ramp * lu, n, stats
+            return lx + u_weight() * lu, n, stats
 
         return mixmatch_step
