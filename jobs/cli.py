@@ -335,7 +335,7 @@ def checked_config(config_path: Path, overrides: tuple[str, ...], job: str):
 
     cfg = load_config(config_path, overrides)
     check_settings(cfg, files=job not in NO_TRAINING)
-    check_oof(cfg)
+    check_oof(cfg, job)
     claim_run_folders(cfg)
     return cfg
 

@@ -104,9 +104,16 @@ def oof_models(cfg: Config) -> tuple[str, ...]:
     return tuple(n for n in published if not cfg.oof.models or n in cfg.oof.models)
 
 
-def check_oof(cfg: Config) -> None:
+def with_every_baseline(cfg: Config) -> Config:
+    """``cfg`` training every baseline: table1's rows."""
+    return replace(cfg, pipeline=replace(cfg.pipeline, baselines=BASELINES))
+
+
+def check_oof(cfg: Config, job: str = "pipeline") -> None:
     """The out-of-fold settings, before any work: folds 0 or at least 2, only without a
-    validation hold-out (which chooses thresholds itself), models this config publishes."""
+    validation hold-out (which chooses thresholds itself), models ``job`` publishes."""
+    if job == "table1":
+        cfg = with_every_baseline(cfg)
     where = cfg.origin().of
     folds, fold = cfg.oof.folds, cfg.labels.fold
     if folds == 1:

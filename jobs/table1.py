@@ -66,7 +66,7 @@ def steps() -> list[Step]:
 
 
 def run(cfg: Config) -> dict:
-    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, baselines=stages.BASELINES))
+    cfg = stages.with_every_baseline(cfg)
     seeds = cfg.table1.seeds or (cfg.labels.seed,)
     if len(seeds) > 1:
         return run_seeds(cfg, seeds)

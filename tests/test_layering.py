@@ -121,3 +121,32 @@ def test_a_read_task_imports_no_torch():
     code = "import sys, drray.data.selection; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# The functions that may read a grade: preparing the data (which stores it), the label budget
+# (jobs.common.labeled_subset, the one reader of training grades, and its record in
+# RUN/labels.parquet), and the evaluation's test sets. A stage that read a training grade any
+# other way would spend labels outside the budget: it has to go through labeled_subset.
+GRADE_READERS = {
+    ("drray/data/prepare.py", "build_manifest"), ("drray/data/prepare.py", "prepare_rows"),
+    ("drray/data/sources.py", "_read_folder"), ("drray/data/sources.py", "parse_grade"),
+    ("drray/distributed/prepare.py", "check_positive"), ("drray/distributed/prepare.py", "prepare_dataset"),
+    ("drray/distributed/prepare.py", "take"),
+    ("jobs/common.py", "labeled_subset"), ("jobs/common.py", "record_labels_read"),
+    ("jobs/evaluate.py", "labeled_targets"), ("jobs/evaluate.py", "prepared_imageability"),
+}
+
+
+def test_only_the_label_budget_and_the_test_sets_read_a_grade():
+    readers = set()
+    for path in modules().values():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                    isinstance(node, ast.Constant) and node.value == "grade" for node in ast.walk(fn)):
+                readers.add((str(path.relative_to(REPO)), fn.name))
+    assert readers == GRADE_READERS
+    # the evaluation reads the grades of its test sets only: the test split and the external set
+    source = (REPO / "jobs" / "evaluate.py").read_text()
+    calls = [ast.unparse(c) for c in ast.walk(ast.parse(source))
+             if isinstance(c, ast.Call) and ast.unparse(c.func) == "labeled_targets"]
+    assert sorted(calls) == ["labeled_targets(external, positive, None)", "labeled_targets(eyepacs, positive, 'test')"]

@@ -173,6 +173,11 @@ def test_out_of_fold_settings_are_refused_before_any_work(tmp_path, sets, messag
         stages.check_oof(cfg)
 
 
+def test_table1_may_name_a_baseline_for_out_of_fold_thresholds(tmp_path):
+    cfg = load_config(CI, [f"run.dir={tmp_path}", "labels.validation=0", "oof.folds=2", "oof.models=[fixmatch]"])
+    stages.check_oof(cfg, "table1")  # table1 trains every baseline
+
+
 def test_settings_added_later_leave_table1s_and_the_sweeps_keys_alone(cfg):
     """table1's finished seeds and a sweep's Tune experiment are found by a key over the whole
     config: labels.fold and the oof section, at their defaults, are not in it."""
