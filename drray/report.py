@@ -49,7 +49,8 @@ ORDERING = (("student", ">=", "teacher"), ("teacher", ">", "supervised"))
 # What the mark of a folder `drray synth` wrote says (drray.data.synthetic.write_dataset).
 SYNTHETIC_MARK = "synthetic-data folder"
 # Steps a config can leave out: the key that turns each on (the runner records "not configured").
-CONFIGURED_BY = {"baselines": ("pipeline.baselines", "set pipeline.baselines, e.g. [fixmatch, mixmatch]")}
+CONFIGURED_BY = {"baselines": ("pipeline.baselines", "set pipeline.baselines, e.g. [fixmatch, mixmatch]"),
+                 "oof": ("oof.folds", "set oof.folds, e.g. 5, with labels.validation 0")}
 
 
 def build(run: str | Path) -> dict:

@@ -86,7 +86,7 @@ def test_rerun_skips_finished_stages_and_resumes_the_killed_one(run):
     assert statuses(first)["distill"] == "running"
     assert statuses(second) == {
         "prepare": "skipped", "pretrain": "skipped", "teacher": "skipped", "supervised": "skipped",
-        "baselines": "not configured", "pseudolabel": "skipped", "distill": "ran", "student": "ran", "models": "ran", "evaluate": "ran",
+        "baselines": "not configured", "pseudolabel": "skipped", "distill": "ran", "student": "ran", "oof": "not configured", "models": "ran", "evaluate": "ran",
         "report": "ran",
     }
     assert second["status"] == "complete"
@@ -183,7 +183,7 @@ def test_a_changed_downstream_setting_reuses_the_upstream_stages(run, ray_sessio
     pipeline.run(cfg)
     assert statuses(invocations(run)[-1]) == {
         "prepare": "skipped", "pretrain": "skipped", "teacher": "skipped", "supervised": "skipped",
-        "baselines": "not configured", "pseudolabel": "skipped", "distill": "skipped", "student": "ran", "models": "ran", "evaluate": "ran",
+        "baselines": "not configured", "pseudolabel": "skipped", "distill": "skipped", "student": "ran", "oof": "not configured", "models": "ran", "evaluate": "ran",
         "report": "ran",
     }
     assert len(list(run.glob("student-*"))) == 2 and len(list(run.glob("evaluate-*"))) == 2
