@@ -1,5 +1,5 @@
-"""A hospital's label budget: only K training images have a grade (the rest of the train split
-is unlabeled) and none is spared for validation (labels.validation 0). The pipeline runs end to
+"""A hospital's label budget: a folder data set in which only K training images have a grade
+(the rest of the train split is unlabeled) and none is spared for validation (labels.validation 0). The pipeline runs end to
 end on all K on real Ray, no stage reads a training label outside them, and the operating point
 is chosen out of fold on those K, never on a test set."""
 
@@ -23,21 +23,27 @@ RAW = REPO / "data" / "ci" / "raw" / "eyepacs"
 
 
 def graded_few(raw: Path, out: Path, positives: int = 5, negatives: int = 9) -> set[str]:
-    """A copy of the ci set's train labels in which only a few whole patients keep their grade
-    (some referable): the other training images are listed with an empty grade, unlabeled."""
-    rows = list(csv.DictReader((raw / "trainLabels.csv").open()))
+    """The ci EyePACS-style photographs as a ``folder`` data set (one CSV: image_id, grade,
+    split, patient_id) in which only a few whole patients of the train split keep their grade
+    (some referable): the other training images are listed with an empty grade, unlabeled. The
+    test split keeps its grades. Returns the graded training images."""
+    train = list(csv.DictReader((raw / "trainLabels.csv").open()))
+    test = list(csv.DictReader((raw / "testLabels.csv").open()))
     patients = defaultdict(list)
-    for row in rows:
+    for row in train:
         patients[row["image"].split("_")[0]].append(row)
     referable = sorted(p for p, eyes in patients.items() if max(int(r["level"]) for r in eyes) >= 2)
     healthy = sorted(p for p in patients if p not in referable)
     keep = set(referable[:positives] + healthy[:negatives])
     with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["image", "level"])
+        writer = csv.DictWriter(f, ["image_id", "grade", "split", "patient_id"])
         writer.writeheader()
-        for row in rows:
-            graded = row["image"].split("_")[0] in keep
-            writer.writerow({"image": row["image"], "level": row["level"] if graded else ""})
+        for split, rows in (("train", train), ("test", test)):
+            for row in rows:
+                patient = row["image"].split("_")[0]
+                graded = split == "test" or patient in keep
+                writer.writerow({"image_id": row["image"], "grade": row["level"] if graded else "", "split": split,
+                                 "patient_id": patient})
     return {r["image"] for p in keep for r in patients[p]}
 
 
@@ -53,10 +59,10 @@ def budget(tmp_path_factory, ray_session):
     made = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "prepare", "--config", str(CI),
                            "--set", f"run.dir={tmp / 'prepare'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
-    graded = graded_few(RAW, tmp / "trainLabels.csv")
+    graded = graded_few(RAW, tmp / "labels.csv")
     cfg = load_config(CI, [
-        f"run.dir={tmp / 'run'}", "data.eyepacs.synthetic=null", f"data.eyepacs.prepared={tmp / 'prepared'}",
-        f"data.eyepacs.labels=[{tmp / 'trainLabels.csv'}, {RAW / 'testLabels.csv'}]",
+        f"run.dir={tmp / 'run'}", "data.eyepacs.source=folder", "data.eyepacs.synthetic=null",
+        f"data.eyepacs.prepared={tmp / 'prepared'}", f"data.eyepacs.labels=[{tmp / 'labels.csv'}]",
         "labels.count=null", "labels.fraction=1.0", "labels.validation=0", "oof.folds=2", "oof.models=[teacher]"])
     check_oof(cfg)
     run_steps(cfg, pipeline_steps())
@@ -65,6 +71,11 @@ def budget(tmp_path_factory, ray_session):
 
 def test_only_the_graded_images_are_read_and_every_one_is_trained_on(budget):
     cfg, run, graded = budget
+    from drray.data.shards import read_index
+
+    train = [r for r in read_index(cfg.data.eyepacs.prepared).to_pylist() if r["split"] == "train"]
+    assert {r["image_id"] for r in train if r["grade"] is not None} == graded  # the data has K labels, no more
+    assert sum(r["grade"] is None for r in train) > 150  # the rest of the pool is unlabeled
     spent = pq.read_table(run / "labels.parquet").to_pylist()
     assert {r["image_id"] for r in spent} == graded and {r["role"] for r in spent} == {"train"}
     for name in ("teacher", "supervised", "student"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,12 +245,14 @@ def test_plain_sbatch_template_forms_the_ray_cluster(cluster, tmp_path):
 # --- slow: the pipeline on 2 nodes, through a time limit and a requeue -----------------------------
 
 
-# ci.yaml's pipeline takes about a minute here: a longer pretraining makes the 2-minute limit
+# ci.yaml's pipeline takes under a minute here: a longer pretraining makes the 2-minute limit
 # land inside the work and leaves later attempts stages of their own. SLURM sends the warning
 # 30-60 s into an attempt (its "60 s early" has a timer's resolution), so an attempt does 20-50 s
 # of work: ~100 s of pipeline is interrupted once by the limit, once by the operator, and then
-# finishes; more only adds attempts (each ~15 s of requeue, Ray start and imports).
-LONGER = ("--set", "pretrain.epochs=12")
+# finishes; more only adds attempts (each ~15 s of requeue, Ray start and imports). (12 epochs,
+# ~30 s on a quiet machine, once let the first attempt finish every stage but the report.)
+LONGER = ("--set", "pretrain.epochs=24")
+EVERY_RUN = ("models", "report")  # steps every run redoes (milliseconds): not a stage of an attempt's own
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +270,7 @@ def pipeline_job(cluster, tmp_path_factory):
     # 2. Once the next attempt has finished a stage of its own, an operator requeues the job.
     def progressed() -> bool:
         runs = invocations(run)
-        return len(runs) >= 2 and any(s["status"] == "ran" for s in runs[-1]["stages"])
+        return len(runs) >= 2 and any(s["status"] == "ran" and s["stage"] not in EVERY_RUN for s in runs[-1]["stages"])
     wait_until(progressed, "the second attempt to finish a stage", 420, ids, folder)
     # SLURM refuses a requeue while the job is requeueing itself (its limit came at the same
     # moment): ask again once an attempt is running
@@ -301,11 +304,12 @@ def test_pipeline_on_two_nodes_finishes_after_time_limit_and_requeue(pipeline_jo
     finished_in: dict[str, int] = {}
     for i, inv in enumerate(runs):
         for entry in inv["stages"]:
-            if entry["status"] == "ran" and entry["stage"] not in ("models", "report"):
+            if entry["status"] == "ran" and entry["stage"] not in EVERY_RUN:
                 assert entry["stage"] not in finished_in, f"{entry['stage']} ran twice: {runs}"
                 finished_in[entry["stage"]] = i
-            if entry["stage"] in finished_in and i > finished_in[entry["stage"]]:
-                assert entry["status"] == "skipped", f"{entry['stage']} in attempt {i}: {entry}"
+            if entry["stage"] in finished_in and i > finished_in[entry["stage"]]:  # found done (or interrupted
+                # while it was being found done: a requeue can land in the fraction of a second that takes)
+                assert entry["status"] in ("skipped", "interrupted", "running"), f"{entry['stage']} in attempt {i}: {entry}"
     assert {"pretrain", "teacher", "distill", "student", "evaluate"} <= set(finished_in)
     assert len(set(finished_in.values())) >= 2  # the work was spread over attempts
     assert (run / "report.md").is_file() and (run / "models" / "student" / "model.pt").is_file()
@@ -323,7 +327,7 @@ def test_jobs_and_logs_show_the_real_job(pipeline_job):
     assert row[1:4] == ["pipeline", "COMPLETED", "2"] and int(row[4]) >= 3
     logs = drray("logs", job_id)
     assert logs.returncode == 0
-    assert "[pipeline] stage 2/11: pretrain" in logs.stdout and "Ray cluster ready" in logs.stdout
+    assert re.search(r"\[pipeline\] stage 2/\d+: pretrain", logs.stdout) and "Ray cluster ready" in logs.stdout
     assert "requeueing" in logs.stdout
 
 
