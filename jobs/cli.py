@@ -289,7 +289,11 @@ def run(job: str, config_path: Path, overrides: tuple[str, ...]) -> None:
         try:
             result = job_function(job)(cfg)
         except Exception as exc:  # noqa: BLE001 - one line on the console, the traceback in the log
-            raise click.ClickException(failure_line(job, exc, log_file)) from exc
+            line = failure_line(job, exc, log_file)
+            from drray.distributed.runtime import release_frames
+
+            release_frames(exc)  # before Ray's exit handler shuts it down (the traceback is in the log)
+            raise click.ClickException(line) from exc
     if job == "prepare":
         from jobs.prepare import format_summary
 

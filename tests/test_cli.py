@@ -138,3 +138,58 @@ def test_an_actor_that_died_in_its_constructor_is_described_by_the_error_it_rais
         assert "IndentationError" in describe(root_cause(exc))
     else:
         raise AssertionError("the actor's constructor did not fail")
+
+
+def test_a_failed_job_lets_go_of_its_half_read_streams_before_ray_shuts_down(tmp_path, monkeypatch):
+    """A traceback keeps the failed job's frames, and the Ray Data iterators in them, alive;
+    finalized only at exit, after Ray's shutdown, they started a new Ray (a failed FixMatch on
+    the demo hung the CLI for 10 minutes). The CLI lets go of them once the traceback is logged."""
+    import jobs.cli
+
+    closed = []
+
+    def stream():
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    def failing_job(cfg):
+        batches = stream()
+        next(batches)
+        raise ValueError("a step failed")
+
+    monkeypatch.setattr(jobs.cli, "job_function", lambda job: failing_job)
+    result = CliRunner().invoke(main, ["run", "supervised", "--config", str(REPO / "configs" / "ci.yaml"),
+                                       "--set", f"run.dir={tmp_path / 'run'}"], standalone_mode=False)
+    assert "a step failed" in str(result.exception) and result.exception.__cause__ is not None  # still held
+    assert closed == [True]
+    assert "ValueError: a step failed" in (tmp_path / "run" / "drray.log").read_text()  # logged before
+
+
+def test_releasing_a_failures_frames_closes_what_they_held():
+    from drray.distributed.runtime import release_frames
+
+    closed = []
+
+    def stream():
+        try:
+            yield 1
+        finally:
+            closed.append(True)
+
+    def fail():
+        held = stream()
+        next(held)
+        raise RuntimeError("inner")
+
+    try:
+        try:
+            fail()
+        except RuntimeError as inner:
+            raise ValueError("outer") from inner
+    except ValueError as exc:
+        assert closed == []  # the traceback keeps the generator suspended
+        release_frames(exc)
+        assert closed == [True]
+        assert "in fail" in "".join(__import__("traceback").format_exception(exc))  # it still formats

@@ -59,6 +59,26 @@ RAY_NOTICES = ("ray._private.authentication.authentication_token_setup", "ray.da
 RAY_DATA_NO_CPU = ("ray.data.dataset", "Warning: The Ray cluster currently does not have any available CPUs")
 
 
+def release_frames(exc: BaseException) -> None:
+    """Let go, now, of what a failed job's frames hold, while Ray still runs. A traceback keeps
+    every frame of the failure alive, and with them the job's half-read Ray Data iterators. Left
+    to the end of the process, those were finalized after Ray had shut down, and Ray Data's
+    clean-up then started a new local Ray: warnings, and once a process that never exited
+    (2026-12-02: a FixMatch stage failed in its first step on the demo, and the CLI hung for
+    10 minutes in ray.init; a SLURM job would hold its nodes to its time limit). Call it once
+    the traceback is recorded: the frames' local variables are gone afterwards (the traceback
+    still formats, with its lines)."""
+    import gc
+    import traceback
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The exception a user can act on, out of Ray's wrappers: a failed training worker's own
     error (the lowest rank's), a controller's, a remote task's or a Ray Data map's."""

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import submitit
 
+from drray.distributed.runtime import release_frames
 from drray.launch.profiles import Profile
 from drray.launch.ray_cluster import NodeTask, ray_node_count, ray_on_allocation
 from drray.progress import configure_logging
@@ -107,7 +108,11 @@ class ClusterJob(submitit.helpers.Checkpointable):
         with ray_on_allocation(folder, task, timeout_s=self.ray_timeout_s) as address:
             add_event(folder, job_id, "ray_ready", address=address, seconds=round(time.time() - started, 2),
                       ray_nodes=ray_node_count(), **meta)
-            result = self.fn(*self.args)
+            try:
+                result = self.fn(*self.args)
+            except BaseException as exc:
+                release_frames(exc)  # before the allocation's Ray shuts down (the traceback still formats)
+                raise
             # done: a warning signal during Ray's teardown must not requeue a finished job
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             return result
@@ -125,6 +130,7 @@ class ClusterJob(submitit.helpers.Checkpointable):
             if not (requeued or cancelled):
                 add_event(folder, job_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                           traceback=traceback.format_exc()[-4000:], **meta)
+            release_frames(exc)  # a local job's Ray shuts down at exit: before it
             raise
         add_event(folder, job_id, "finished", **meta)
         return result
