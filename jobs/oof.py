@@ -37,17 +37,16 @@ from drray.distributed.inference import (
 from drray.progress import say
 from jobs import common, stages
 
-PREDICTIONS = stages.OOF_PREDICTIONS
-
 
 def run(cfg: Config) -> dict:
     if not cfg.oof.folds:
         return {"stage": "oof", "status": "not configured"}
-    manifest, r = common.resolved(cfg, "oof")
+    manifest = common.prepared_eyepacs(cfg)
+    whole = stages.resolve(cfg, manifest)
+    r = whole["oof"]
     if done := common.finished(cfg, r):
         return done
     names = stages.oof_models(cfg)
-    whole = stages.resolve(cfg, manifest)
     missing = [n for n in names if not whole[n].dir.is_done()]
     if missing:
         raise FileNotFoundError(f"oof: {', '.join(missing)} not trained on the whole budget yet: run `drray run "
@@ -65,9 +64,9 @@ def run(cfg: Config) -> dict:
             models[(name, j)] = str(resolved[name].dir.final_model())
     common.start_stage(cfg, r.dir)
     table = predict_folds(cfg, heldout, models)
-    tmp = r.dir.file(f".{PREDICTIONS}.tmp")
+    tmp = r.dir.file(f".{stages.OOF_PREDICTIONS}.tmp")
     pq.write_table(table, tmp)
-    tmp.replace(r.dir.file(PREDICTIONS))
+    tmp.replace(r.dir.file(stages.OOF_PREDICTIONS))
     common.finish_stage(cfg, r, {"folds": k, "models": list(names), "images": table.num_rows // max(1, len(names))})
     return {"stage": "oof", "dir": str(r.dir.path)}
 
