@@ -87,11 +87,25 @@ def test_synthetic_eyepacs_patients_have_two_correlated_eyes(synthetic_eyepacs):
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    synthesize(a, 6, seed=7, workers=1)
-    synthesize(b, 6, seed=7, workers=2)  # parallelism does not change the output
-    synthesize(c, 6, seed=8, workers=1)
+    # 40 images are 3 chunks of the process pool: with 2 workers they split between processes
+    synthesize(a, 40, seed=7, workers=1, frame_scale=0.25)
+    synthesize(b, 40, seed=7, workers=2, frame_scale=0.25)  # parallelism does not change the output
+    synthesize(c, 6, seed=8, workers=1, frame_scale=0.25)
     assert digest(a) == digest(b)
     assert digest(a) != digest(c)
+
+
+def test_an_image_does_not_depend_on_what_its_process_drew_before():
+    """Every pixel comes from the image's own generator (no process-wide random state, such as
+    the C ``rand()`` behind Pillow's effect_noise): the same image drawn again after another
+    one in the same process is the same image, sensor noise included."""
+    def draw(seed):
+        return np.asarray(render_fundus(np.random.default_rng([seed, 1]), 2, "right", EYEPACS_CAMERA,
+                                        frame_scale=0.2))
+    seeds = range(6)  # sensor noise is drawn for ~93% of EyePACS-style frames (sigma > 0.5)
+    first = [draw(s) for s in seeds]
+    again = [draw(s) for s in reversed(seeds)][::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 def test_left_eye_is_the_mirror_of_the_right():
