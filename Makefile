@@ -30,8 +30,9 @@ demo: install
 
 # Table 1 on the demo's synthetic benchmark over 3 label draws (demo.yaml's table1.seeds): one
 # pretraining, then per draw the method, FixMatch, MixMatch and the supervised baseline on 100%
-# of the labels (one draw took ~45 min on 2 cores after `make demo`; three are not measured yet,
-# expect ~2 h); the table over the draws goes into runs/demo/table1.md and runs/demo/report.md.
+# of the labels (on 2 cores after `make demo`: the first draw ~45 min, draws 1 and 2 another
+# 64 min, measured 2026-12-02); the table over the draws goes into runs/demo/table1.md and
+# runs/demo/report.md.
 table1: install
 	$(BIN)/drray run table1 --config configs/demo.yaml
 
@@ -40,6 +41,8 @@ bench: install
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/fit_overhead.py
 	$(BIN)/python bench/pseudolabel.py
+	$(BIN)/python bench/inference_memory.py
+	$(BIN)/python bench/augment.py
 	$(BIN)/python bench/synth_colour.py
 	$(BIN)/python bench/demo.py
 	$(BIN)/python bench/sweep.py
