@@ -98,11 +98,18 @@ def test_ema_update_by_hand():
     with torch.no_grad():
         model[0].weight.fill_(3.0)
         model[1].running_mean.fill_(5.0)
+        model[1].running_var.fill_(2.0)
+        model[1].num_batches_tracked.fill_(7)
     ema.update(model)
     assert ema.model[0].weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
-    assert ema.model[1].running_mean.item() == 5.0  # buffers are copied, not averaged
+    # BatchNorm's statistics are averaged like the weights (from 0 and 1 at the start), its
+    # batch count is copied
+    assert ema.model[1].running_mean.item() == pytest.approx(0.9 * 0.0 + 0.1 * 5.0)
+    assert ema.model[1].running_var.item() == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
+    assert ema.model[1].num_batches_tracked.item() == 7
     ema.update(model)
     assert ema.model[0].weight.item() == pytest.approx(0.9 * 1.2 + 0.1 * 3.0)
+    assert ema.model[1].running_mean.item() == pytest.approx(0.9 * 0.5 + 0.1 * 5.0)
     assert not any(p.requires_grad for p in ema.model.parameters())
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
